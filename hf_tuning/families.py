@@ -1,0 +1,189 @@
+"""Registry of model families whose repeated blocks the subspace partitioner can find.
+
+A family says where a model keeps its stack of blocks (a ``ModuleList``/``Sequential`` whose
+path ends with ``container``) and which class names its blocks have. Hierarchical models
+(Swin, ConvNeXt) keep a stack of *stages*, each holding its own block stack under
+``stage_blocks``. The vision and DiT work registers their families with
+:func:`register_block_family` without touching the partitioner.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+__all__ = [
+    "BlockFamily",
+    "BlockStack",
+    "BlocksNotFoundError",
+    "find_block_stack",
+    "register_block_family",
+    "registered_block_families",
+]
+
+
+class BlocksNotFoundError(ValueError):
+    """The model's repeated blocks could not be located."""
+
+
+@dataclass(frozen=True)
+class BlockFamily:
+    """Where one family of architectures keeps its repeated blocks.
+
+    Attributes:
+        name: short identifier shown by ``hf-tuning plan``.
+        container: regex that the end of the stack's module path must match
+            (``layers`` matches ``model.layers`` and ``base_model.model.model.layers``).
+        block_class: regex searched in the class name of each element of the stack.
+        stage_blocks: for hierarchical models, the attribute path of the block stack inside each
+            stage (``blocks``); ``None`` for isotropic models.
+        description: models known to use this layout.
+    """
+
+    name: str
+    container: str
+    block_class: str = ".*"
+    stage_blocks: str | None = None
+    description: str = ""
+
+    def matches_path(self, path: str) -> bool:
+        return re.search(rf"(?:^|\.){self.container}$", path) is not None
+
+    def matches_elements(self, stack: nn.Module) -> bool:
+        children = list(stack.children())
+        return bool(children) and all(
+            re.search(self.block_class, type(child).__name__) for child in children
+        )
+
+
+@dataclass
+class BlockStack:
+    """The located blocks of one model, in forward order.
+
+    ``blocks`` holds, per block, its parameter-name prefix (ending with ``.``), its stage and its
+    index inside that stage. ``stage_prefixes`` is non-empty only for hierarchical models.
+    """
+
+    family: BlockFamily
+    path: str
+    blocks: list[tuple[str, int, int]] = field(default_factory=list)
+    stage_prefixes: list[str] = field(default_factory=list)
+
+    @property
+    def num_stages(self) -> int:
+        return max(stage for _, stage, _ in self.blocks) + 1 if self.blocks else 0
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.family.stage_blocks is not None
+
+
+_REGISTRY: list[BlockFamily] = []
+
+
+def register_block_family(family: BlockFamily, *, first: bool = False) -> BlockFamily:
+    """Add a family to the registry (``first=True`` gives it priority over the built-ins)."""
+    if any(existing.name == family.name for existing in _REGISTRY):
+        raise ValueError(f"a block family named {family.name!r} is already registered")
+    if first:
+        _REGISTRY.insert(0, family)
+    else:
+        _REGISTRY.append(family)
+    return family
+
+
+def registered_block_families() -> list[BlockFamily]:
+    return list(_REGISTRY)
+
+
+register_block_family(
+    BlockFamily(
+        name="decoder_layers",
+        container="layers",
+        block_class=r"DecoderLayer$",
+        description="LLaMA, Mistral, Qwen2/3, Gemma, Phi-3 and other `model.layers.N` decoders",
+    )
+)
+register_block_family(
+    BlockFamily(
+        name="bert_encoder",
+        container=r"encoder\.layer",
+        block_class=r"Layer$",
+        description="BERT, RoBERTa, XLM-R, ELECTRA and other `encoder.layer.N` encoders",
+    )
+)
+register_block_family(
+    BlockFamily(
+        name="gpt2_blocks",
+        container=r"h",
+        block_class=r"Block$",
+        description="GPT-2, GPT-J, GPT-Neo and other `transformer.h.N` decoders",
+    )
+)
+
+
+def _strip_prefix(path: str) -> str:
+    return f"{path}." if path else ""
+
+
+def _candidate_stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0
+    ]
+
+
+def _describe_stacks(model: nn.Module) -> str:
+    lines = []
+    for path, module in _candidate_stacks(model):
+        classes = sorted({type(child).__name__ for child in module.children()})
+        lines.append(f"  {path or '<root>'}: {len(module)} x {'/'.join(classes)}")
+    return "\n".join(lines[:12]) or "  (no ModuleList or Sequential at all)"
+
+
+def find_block_stack(model: nn.Module, families: list[BlockFamily] | None = None) -> BlockStack:
+    """Locate the repeated blocks of ``model`` using the first registered family that matches.
+
+    Raises:
+        BlocksNotFoundError: no family matches, or one family matches several stacks.
+    """
+    for family in families if families is not None else _REGISTRY:
+        hits = [
+            (path, module)
+            for path, module in _candidate_stacks(model)
+            if family.matches_path(path) and family.matches_elements(module)
+        ]
+        if not hits:
+            continue
+        if len(hits) > 1:
+            paths = ", ".join(path for path, _ in hits)
+            raise BlocksNotFoundError(
+                f"family {family.name!r} matches several block stacks in "
+                f"{type(model).__name__}: {paths}. Pass explicit regex groups "
+                "(dt_groups / groups=...) to say which parameters form each subspace."
+            )
+        path, stack_module = hits[0]
+        stack = BlockStack(family=family, path=path)
+        prefix = _strip_prefix(path)
+        if family.stage_blocks is None:
+            for index, _ in enumerate(stack_module.children()):
+                stack.blocks.append((f"{prefix}{index}.", 0, index))
+        else:
+            for stage, stage_module in enumerate(stack_module.children()):
+                stage_prefix = f"{prefix}{stage}."
+                stack.stage_prefixes.append(stage_prefix)
+                inner = stage_module.get_submodule(family.stage_blocks)
+                for index, _ in enumerate(inner.children()):
+                    stack.blocks.append((f"{stage_prefix}{family.stage_blocks}.{index}.", stage, index))
+        return stack
+    raise BlocksNotFoundError(
+        f"could not find the repeated blocks of {type(model).__name__}: no registered family "
+        f"({', '.join(f.name for f in (families or _REGISTRY))}) matches. Stacks found:\n"
+        f"{_describe_stacks(model)}\n"
+        "Pass explicit regex groups (dt_groups=['layers\\.[0-3]\\.', ...] or "
+        "partition_subspaces(..., groups=[...])), or register the family with "
+        "hf_tuning.register_block_family(BlockFamily(name=..., container=..., block_class=...))."
+    )

@@ -1,0 +1,323 @@
+"""Staged subspace tuning on ``transformers.Trainer``: one training phase per stage.
+
+Every stage is a complete ``Trainer.train()`` phase over the same Trainer object, which is what
+makes freezing hold everywhere:
+
+* exactly the stage's parameters have ``requires_grad=True`` when the optimizer is built, so the
+  optimizer, its state and (under DeepSpeed ZeRO) its flat fp32 partitions cover only them; the
+  previous stage's optimizer state is freed, never carried over;
+* the model is re-wrapped per stage (a fresh DDP reducer or DeepSpeed engine), so inactive
+  parameters are never all-reduced, decayed or moved by stale momentum;
+* the LR schedule, warmup included, restarts over the stage's own step budget;
+* checkpoints go to ``output_dir/stage-K/checkpoint-N`` with a ``dt_state.json`` that lets
+  ``resume_from_checkpoint`` continue mid-stage exactly.
+
+Logs carry ``dt/stage`` and use a global step that runs on across stages, so TensorBoard and
+W&B show one continuous curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerState
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+
+from hf_tuning.arguments import StagedTuningArgumentsMixin
+from hf_tuning.backward import BackwardStopper
+from hf_tuning.callback import StagedTuningCallback
+from hf_tuning.deepspeed_checks import check_deepspeed_config
+from hf_tuning.families import BlocksNotFoundError, find_block_stack
+from hf_tuning.io import atomic_write_json, read_json
+from hf_tuning.stages import Stage, StagePlan, build_stage_plan
+
+__all__ = ["StagedTrainerMixin", "StagedTrainer", "STATE_FILE", "stage_dir_name", "find_last_staged_checkpoint"]
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "dt_state.json"
+_STAGE_DIR = re.compile(r"^stage-(\d+)$")
+
+
+def stage_dir_name(index: int) -> str:
+    return f"stage-{index}"
+
+
+def find_last_staged_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint of a staged run: highest stage, then highest step."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    stages = sorted(
+        (int(m.group(1)), child) for child in root.iterdir() if (m := _STAGE_DIR.match(child.name)) and child.is_dir()
+    )
+    for _, stage_dir in reversed(stages):
+        checkpoint = get_last_checkpoint(str(stage_dir))
+        if checkpoint is not None and (Path(checkpoint) / STATE_FILE).is_file():
+            return checkpoint
+    return None
+
+
+class StagedTrainerMixin:
+    """Shared implementation of :class:`StagedTrainer` and :class:`~hf_tuning.StagedSFTTrainer`.
+
+    Mix in before the Trainer class. The stage plan is built once, from the parameters that are
+    trainable when the trainer is constructed (for PEFT models: the adapters and
+    ``modules_to_save``); it is available as ``trainer.stage_plan`` before training.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        targs = self.args
+        if not isinstance(targs, StagedTuningArgumentsMixin):
+            raise TypeError(
+                f"{type(self).__name__} needs StagedTrainingArguments / StagedSFTConfig (with the dt_* "
+                f"fields), got {type(targs).__name__}"
+            )
+        if self.optimizer is not None or self.lr_scheduler is not None:
+            raise ValueError(
+                f"{type(self).__name__} builds a fresh optimizer and scheduler for every stage, so it cannot "
+                "take prebuilt ones through optimizers=(...); use args.optim / optimizer_cls_and_kwargs / "
+                "lr_scheduler_type instead"
+            )
+        if self.model_init is not None:
+            raise ValueError(f"{type(self).__name__} does not support model_init; pass the model itself")
+        if self.is_deepspeed_enabled:
+            check_deepspeed_config(targs, self.accelerator.state.deepspeed_plugin.hf_ds_config)
+            self._pristine_ds_config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.hf_ds_config.config)
+        self.stage_plan: StagePlan = build_stage_plan(
+            self.model,
+            targs.dt_variant,
+            order=targs.dt_order,
+            seed=targs.seed,
+            num_groups=targs.dt_num_groups,
+            groups=targs.dt_groups,
+            always_trainable=targs.dt_always_trainable,
+            frozen=targs.dt_frozen,
+        )
+        self._candidates = self.stage_plan.partition.param_numel.keys()
+        try:
+            prefixes = [prefix for prefix, _, _ in find_block_stack(self.model).blocks]
+        except BlocksNotFoundError:
+            prefixes = []  # regex groups on an unregistered family: backward-stop is not applied
+        self._backward = BackwardStopper(self.model, prefixes)
+        self.stage_callback = StagedTuningCallback(
+            self.stage_plan,
+            settings={
+                "budget": targs.dt_budget,
+                "stage_init": targs.dt_stage_init,
+                "num_groups": targs.dt_num_groups,
+            },
+        )
+        self.add_callback(self.stage_callback)
+        self._active_stage: Stage | None = None
+        self._step_offset = 0
+
+    # ---------------------------------------------------------------------------------------
+    # Training loop over stages
+    # ---------------------------------------------------------------------------------------
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> TrainOutput:
+        """Run every stage of the plan (or the remaining ones when resuming)."""
+        args = self.args
+        root = args.output_dir
+        checkpoint, first_stage = self._resolve_resume(resume_from_checkpoint)
+        budgets = self._stage_budgets()
+        saved = {"max_steps": args.max_steps, "data_seed": args.data_seed}
+        outputs: list[TrainOutput] = []
+        try:
+            for stage in self.stage_plan.stages[first_stage:]:
+                self._enter_stage(stage, budgets[stage.index])
+                outputs.append(
+                    super().train(
+                        resume_from_checkpoint=checkpoint if stage.index == first_stage else None,
+                        trial=trial,
+                        ignore_keys_for_eval=ignore_keys_for_eval,
+                        **kwargs,
+                    )
+                )
+                self._leave_stage(stage, outputs[-1])
+        finally:
+            args.max_steps, args.data_seed = saved["max_steps"], saved["data_seed"]
+            self._active_stage = None
+            self._restore_trainable()
+        return self._combined_output(outputs)
+
+    def _enter_stage(self, stage: Stage, max_steps: int | None) -> None:
+        args = self.args
+        self._active_stage = stage
+        self._step_offset = self.stage_callback.records[-1]["end_step"] if self.stage_callback.records else 0
+        if max_steps is not None:
+            args.max_steps = max_steps
+            # a fresh shuffle per stage, so fractional-epoch stages do not all see the same prefix
+            args.data_seed = (args.data_seed if args.data_seed is not None else args.seed) + stage.index
+        self._apply_stage_mask(stage)
+        lowest = self._backward.apply(set(stage.params))
+        # fresh optimizer, scheduler and wrapper: the Trainer rebuilds them from the current mask
+        self.optimizer, self.lr_scheduler = None, None
+        self.model_wrapped = self.model
+        self.deepspeed = None
+        if self.is_deepspeed_enabled:
+            config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
+            config.clear()
+            config.update(copy.deepcopy(self._pristine_ds_config))
+        gc.collect()
+        self.state = TrainerState()  # the finished stage's state; train() makes a fresh one anyway
+        self.stage_callback.begin_stage(stage, self._step_offset)
+        logger.info(
+            "dt stage %d/%d (%s): %s trainable parameters, groups %s, backward stops at block %s",
+            stage.index + 1, len(self.stage_plan), stage.name, f"{stage.num_params:,}", list(stage.groups), lowest,
+        )
+        self.log({"dt/stage_begin": stage.index, "dt/trainable_params": stage.num_params})
+
+    def _leave_stage(self, stage: Stage, output: TrainOutput) -> None:
+        record = self.stage_callback.records[-1]
+        record["train_loss_mean"] = output.training_loss
+        self.log(
+            {
+                "dt/stage_end": stage.index,
+                **({"dt/stage_train_loss": output.training_loss} if output.training_loss is not None else {}),
+                **({"dt/stage_best_metric": record["best_metric"]} if record["best_metric"] is not None else {}),
+            }
+        )
+        self._step_offset = record["end_step"]
+        if self.args.should_save:
+            self.stage_callback.write(self.args.output_dir, complete=stage.index == len(self.stage_plan) - 1)
+
+    def _apply_stage_mask(self, stage: Stage) -> None:
+        active = set(stage.params)
+        for name, param in self.model.named_parameters():
+            if name in self._candidates:
+                param.requires_grad_(name in active)
+
+    def _restore_trainable(self) -> None:
+        self._backward.restore()
+        for name, param in self.model.named_parameters():
+            if name in self._candidates:
+                param.requires_grad_(True)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        # Loading a PEFT checkpoint (resume, best model) may flip requires_grad on adapters;
+        # the optimizer must see exactly this stage's parameters.
+        if self._active_stage is not None:
+            self._apply_stage_mask(self._active_stage)
+        return super().create_optimizer(*args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------
+    # Budgets, logging, checkpoints
+    # ---------------------------------------------------------------------------------------
+    def _stage_budgets(self) -> list[int | None]:
+        """Optimizer steps per stage: ``None`` (the args' own budget) under ``per_stage``."""
+        count = len(self.stage_plan)
+        if self.args.dt_budget == "per_stage" or count == 1:
+            return [None] * count
+        dataloader = self.get_train_dataloader()
+        total = self.set_initial_training_values(self.args, dataloader)[-1]
+        self.accelerator.free_memory()
+        if total < count:
+            raise ValueError(
+                f"dt_budget='split' divides {total} optimizer steps across {count} stages; that leaves a "
+                "stage with no step. Raise num_train_epochs/max_steps or use dt_budget='per_stage'"
+            )
+        base, extra = divmod(total, count)
+        return [base + (1 if i < extra else 0) for i in range(count)]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Tag logs with the stage and report a global step that runs on across stages."""
+        if self._active_stage is None:
+            return super().log(logs, *args, **kwargs)
+        logs = {**logs, "dt/stage": self._active_stage.index}
+        self.state.global_step += self._step_offset
+        try:
+            super().log(logs, *args, **kwargs)
+        finally:
+            self.state.global_step -= self._step_offset
+
+    def _get_output_dir(self, trial: Any) -> str:
+        run_dir = super()._get_output_dir(trial)
+        if self._active_stage is None:
+            return run_dir
+        return os.path.join(run_dir, stage_dir_name(self._active_stage.index))
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self._active_stage is None or not self.args.should_save:
+            return
+        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        callback = self.stage_callback
+        atomic_write_json(
+            folder / STATE_FILE,
+            {
+                "variant": self.stage_plan.variant,
+                "fingerprint": self.stage_plan.fingerprint,
+                "stage_index": self._active_stage.index,
+                "stage_name": self._active_stage.name,
+                "step_offset": self._step_offset,
+                "completed_stages": callback.records,
+                "completed_log_history": callback.log_history,
+            },
+        )
+
+    def _resolve_resume(self, resume: str | bool | None) -> tuple[str | None, int]:
+        if resume is None or resume is False:
+            self.stage_callback.restore([], [])
+            return None, 0
+        if resume is True:
+            checkpoint = find_last_staged_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(
+                    f"no staged checkpoint found under {self.args.output_dir}/stage-*/checkpoint-* "
+                    f"(each holds a {STATE_FILE}); nothing to resume"
+                )
+        else:
+            checkpoint = str(resume)
+        state_path = Path(checkpoint) / STATE_FILE
+        if not state_path.is_file():
+            raise ValueError(
+                f"{checkpoint} is not a checkpoint of a staged run: {STATE_FILE} is missing. Resume from "
+                f"{self.args.output_dir}/stage-K/checkpoint-N or pass resume_from_checkpoint=True"
+            )
+        saved = read_json(state_path)
+        if saved["fingerprint"] != self.stage_plan.fingerprint:
+            raise ValueError(
+                f"{checkpoint} was written by a different stage plan ({saved['variant']}, fingerprint "
+                f"{saved['fingerprint']}) than this run's ({self.stage_plan.variant}, "
+                f"{self.stage_plan.fingerprint}); resume with the same dt_* arguments and model"
+            )
+        self.stage_callback.restore(saved["completed_stages"], saved["completed_log_history"])
+        logger.info("resuming staged run at stage %d from %s", saved["stage_index"], checkpoint)
+        return checkpoint, int(saved["stage_index"])
+
+    def _combined_output(self, outputs: list[TrainOutput]) -> TrainOutput:
+        records = self.stage_callback.records
+        total_steps = records[-1]["end_step"] if records else 0
+        weighted = [(o.training_loss, o.global_step) for o in outputs if o.training_loss is not None]
+        steps = sum(s for _, s in weighted)
+        loss = sum(l * s for l, s in weighted) / steps if steps else (weighted[-1][0] if weighted else 0.0)
+        metrics: dict[str, Any] = dict(outputs[-1].metrics) if outputs else {}
+        metrics["train_runtime"] = sum(o.metrics.get("train_runtime", 0.0) for o in outputs)
+        metrics["train_loss"] = loss
+        metrics["dt_stages"] = len(self.stage_plan)
+        return TrainOutput(global_step=total_steps, training_loss=loss, metrics=metrics)
+
+
+class StagedTrainer(StagedTrainerMixin, Trainer):
+    """``transformers.Trainer`` that optimises the model's subspaces stage by stage.
+
+    Example::
+
+        args = StagedTrainingArguments(output_dir="out", dt_variant="dt3", num_train_epochs=3)
+        trainer = StagedTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+        print(trainer.stage_plan.to_dict())
+        trainer.train()
+    """
