@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
+
+import torch
 
 from transformers import TrainingArguments
 
@@ -11,6 +15,7 @@ from hf_tuning.variants import VARIANTS
 
 __all__ = ["StagedTuningArgumentsMixin", "StagedTrainingArguments", "BUDGETS", "STAGE_INITS"]
 
+logger = logging.getLogger(__name__)
 BUDGETS = ("per_stage", "split")
 STAGE_INITS = ("last", "best")
 
@@ -99,6 +104,11 @@ class StagedTuningArgumentsMixin:
                 "load_best_model_at_end=True with dt_stage_init='last' is contradictory: set "
                 "dt_stage_init='best' to start each stage from the previous stage's best checkpoint"
             )
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # Without this, a multi-process launch on a machine with no accelerator silently trains
+            # one independent replica per process (accelerate only picks MULTI_CPU/gloo for use_cpu).
+            logger.warning("WORLD_SIZE>1 and no accelerator: setting use_cpu=True for gloo data parallelism")
+            self.use_cpu = True
         super().__post_init__()  # type: ignore[misc]
 
 

@@ -3,12 +3,13 @@
 When only upper blocks are trainable, nothing below them needs a gradient, so the backward pass
 can stop early; that is where staged tuning saves time. Two things defeat it:
 
-* the input-require-grads hook that PEFT/TRL install for gradient checkpointing: it makes the
-  embedding output require grad, so autograd walks down through every frozen block;
+* the input-require-grads hooks that PEFT/TRL/transformers install for gradient checkpointing:
+  they make the embedding output require grad, so autograd walks down through every frozen block;
 * reentrant checkpointing: a checkpointed block whose inputs do not require grad gives its own
   parameters no gradient.
 
-:class:`BackwardStopper` removes the hook for the stage and, under reentrant checkpointing, runs the
+:class:`BackwardStopper` detaches the embedding output for the stage (when the embeddings are not
+trained) and, under reentrant checkpointing, runs the
 lowest active block (and the frozen ones below it) without checkpointing; blocks below carry no
 autograd graph at all, so this costs one block's activations. :meth:`restore` undoes it.
 """
@@ -44,12 +45,8 @@ def uses_reentrant_checkpointing(block: nn.Module) -> bool:
     return bool(keywords.get("use_reentrant", True))
 
 
-def _input_grad_hook_owners(model: nn.Module) -> list[nn.Module]:
-    return [
-        module
-        for module in model.modules()
-        if getattr(module, "_require_grads_hooks", None) or getattr(module, "_require_grads_hook", None)
-    ]
+def _detach_output(module: nn.Module, inputs: object, output: object) -> object:
+    return output.detach() if getattr(output, "requires_grad", False) else output
 
 
 @dataclass
@@ -58,22 +55,30 @@ class BackwardStopper:
 
     model: nn.Module
     block_prefixes: list[str]
-    _hook_owners: list[nn.Module] = field(default_factory=list)
+    _handles: list = field(default_factory=list)
     _checkpoint_flags: dict[int, bool] = field(default_factory=dict)
 
     def _blocks(self) -> list[nn.Module]:
         return [self.model.get_submodule(prefix.rstrip(".")) for prefix in self.block_prefixes]
 
     def apply(self, active: set[str]) -> int:
-        """Configure the model for a stage training ``active``; returns the lowest active block."""
+        """Configure the model for a stage training ``active``; returns the lowest active block.
+
+        Call it after gradient checkpointing was enabled (the Trainer does that inside
+        ``train()``), since enabling it re-installs input-require-grads hooks.
+        """
         self.restore()
+        if not self.block_prefixes:
+            return 0
         names = [name for name, _ in self.model.named_parameters()]
         lowest = lowest_active_block(self.block_prefixes, active, names)
         if lowest == -1:
             return lowest  # trainable embeddings: backward must reach the input anyway
-        self._hook_owners = _input_grad_hook_owners(self.model)
-        for owner in self._hook_owners:
-            owner.disable_input_require_grads()
+        embeddings = _input_embeddings(self.model)
+        if embeddings is not None:
+            # Runs after every other forward hook on the embeddings (PEFT/TRL/transformers may
+            # have installed several that set requires_grad on the output), and cuts the graph.
+            self._handles.append(embeddings.register_forward_hook(_detach_output))
         for index, block in enumerate(self._blocks()):
             if not getattr(block, "gradient_checkpointing", False):
                 continue
@@ -89,6 +94,15 @@ class BackwardStopper:
         for index, flag in self._checkpoint_flags.items():
             blocks[index].gradient_checkpointing = flag
         self._checkpoint_flags = {}
-        for owner in self._hook_owners:
-            owner.enable_input_require_grads()
-        self._hook_owners = []
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return embeddings if isinstance(embeddings, nn.Module) else None

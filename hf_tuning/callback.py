@@ -2,7 +2,7 @@
 
 The stage switching itself lives in :class:`hf_tuning.trainer.StagedTrainerMixin` (one fresh
 optimizer, scheduler and DDP/DeepSpeed engine per stage). This callback checks that each stage
-trains exactly its parameters, records what every stage did and writes ``dt_stages.json`` and
+trains exactly its parameters, lets backward stop at the stage's lowest block, records what every stage did and writes ``dt_stages.json`` and
 ``dt_timeline.png`` into ``output_dir`` after every stage, so a crash never loses the report of
 the stages already finished.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from hf_tuning.backward import BackwardStopper
 from hf_tuning.io import atomic_write_json
 from hf_tuning.stages import Stage, StagePlan
 from hf_tuning.timeline import plot_stage_timeline
@@ -36,8 +37,12 @@ class StagedTuningCallback(TrainerCallback):
         log_history: the log entries of finished stages, with global steps.
     """
 
-    def __init__(self, plan: StagePlan, settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, plan: StagePlan, settings: dict[str, Any] | None = None, backward: BackwardStopper | None = None
+    ) -> None:
         self.plan = plan
+        self.backward = backward
+        self.lowest_block: int | None = None
         self.settings = dict(settings or {})
         self.records: list[dict[str, Any]] = []
         self.log_history: list[dict[str, Any]] = []
@@ -70,6 +75,10 @@ class StagedTuningCallback(TrainerCallback):
                     f"(unexpected: {extra}, missing: {missing}); something changed requires_grad "
                     "after the stage mask was applied"
                 )
+        if self.backward is not None:
+            # after the Trainer enabled gradient checkpointing (which re-installs the
+            # input-require-grads hook for reentrant checkpointing), before the first forward
+            self.lowest_block = self.backward.apply(set(self.stage.params))
         self._started = time.time()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -82,6 +91,8 @@ class StagedTuningCallback(TrainerCallback):
         stage = self.stage
         if stage is None:
             return
+        if self.backward is not None:
+            self.backward.restore()
         entries = [e for e in self.log_history if e.get("dt/stage") == stage.index]
         losses = [e["loss"] for e in entries if "loss" in e]
         metric = args.metric_for_best_model
@@ -104,6 +115,7 @@ class StagedTuningCallback(TrainerCallback):
                 "metric_for_best_model": metric,
                 "best_checkpoint": state.best_model_checkpoint,
                 "runtime_s": round(time.time() - self._started, 3),
+                "backward_stops_at_block": self.lowest_block,
             }
         )
 

@@ -85,6 +85,13 @@ class StagedTrainerMixin:
                 "take prebuilt ones through optimizers=(...); use args.optim / optimizer_cls_and_kwargs / "
                 "lr_scheduler_type instead"
             )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and targs.world_size != launched:
+            raise RuntimeError(
+                f"launched with WORLD_SIZE={launched} but the Trainer runs on {targs.world_size} process(es) "
+                f"({self.accelerator.distributed_type}); the replicas would train independently. On a machine "
+                "without GPUs pass use_cpu=True"
+            )
         if self.model_init is not None:
             raise ValueError(f"{type(self).__name__} does not support model_init; pass the model itself")
         if self.is_deepspeed_enabled:
@@ -113,6 +120,7 @@ class StagedTrainerMixin:
                 "stage_init": targs.dt_stage_init,
                 "num_groups": targs.dt_num_groups,
             },
+            backward=self._backward,
         )
         self.add_callback(self.stage_callback)
         self._active_stage: Stage | None = None
@@ -162,7 +170,6 @@ class StagedTrainerMixin:
             # a fresh shuffle per stage, so fractional-epoch stages do not all see the same prefix
             args.data_seed = (args.data_seed if args.data_seed is not None else args.seed) + stage.index
         self._apply_stage_mask(stage)
-        lowest = self._backward.apply(set(stage.params))
         # fresh optimizer, scheduler and wrapper: the Trainer rebuilds them from the current mask
         self.optimizer, self.lr_scheduler = None, None
         self.model_wrapped = self.model
@@ -175,8 +182,8 @@ class StagedTrainerMixin:
         self.state = TrainerState()  # the finished stage's state; train() makes a fresh one anyway
         self.stage_callback.begin_stage(stage, self._step_offset)
         logger.info(
-            "dt stage %d/%d (%s): %s trainable parameters, groups %s, backward stops at block %s",
-            stage.index + 1, len(self.stage_plan), stage.name, f"{stage.num_params:,}", list(stage.groups), lowest,
+            "dt stage %d/%d (%s): %s trainable parameters, groups %s",
+            stage.index + 1, len(self.stage_plan), stage.name, f"{stage.num_params:,}", list(stage.groups),
         )
         self.log({"dt/stage_begin": stage.index, "dt/trainable_params": stage.num_params})
 
