@@ -304,7 +304,7 @@ def training_args(s: BenchSettings, mode: str, variant: str | None, output_dir: 
         report_to=[],
         bf16=False,
         fp16=False,
-        gradient_checkpointing=s.gradient_checkpointing,
+        activation_checkpointing=s.gradient_checkpointing,
         disable_tqdm=True,
         use_cpu=True,
         seed=s.seed,
