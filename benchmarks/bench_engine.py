@@ -93,6 +93,7 @@ class BenchSettings:
     threads: int = 0
     output_dir: str = "benchmarks/results"
     quick: bool = False
+    wait_idle_s: float = 0.0
 
     @property
     def ffn(self) -> int:
@@ -126,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> BenchSettings:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: usable cores)")
     p.add_argument("--output-dir", default=d.output_dir)
     p.add_argument("--quick", action="store_true", help="tiny model, 3 steps per stage: a ~1 minute smoke test")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="wait up to S seconds for other processes to leave the CPUs idle before starting")
     ns = p.parse_args(argv)
     modes = tuple(m.strip() for m in ns.modes.split(",") if m.strip())
     if not modes or any(m not in ("lora", "full") for m in modes):
@@ -135,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> BenchSettings:
         vocab=ns.vocab, steps=ns.steps, full_steps=ns.full_steps, seq_len=ns.seq_len, batch_size=ns.batch_size,
         warmup_steps=ns.warmup_steps, modes=modes, lora_rank=ns.lora_rank, learning_rate=ns.learning_rate,
         gradient_checkpointing=ns.gradient_checkpointing, seed=ns.seed, threads=ns.threads,
-        output_dir=ns.output_dir, quick=ns.quick,
+        output_dir=ns.output_dir, quick=ns.quick, wait_idle_s=ns.wait_idle,
     )
     if s.quick:
         s.hidden, s.layers, s.intermediate, s.heads, s.kv_heads = 128, 4, 352, 4, 2
@@ -227,6 +230,44 @@ def peak_rss() -> int:
     return _proc_status_kib("VmHWM") * 1024
 
 
+@dataclass(frozen=True)
+class CpuSample:
+    """Machine-wide busy and steal time, this process's CPU time (clock ticks) and a wall clock."""
+
+    busy: int
+    steal: int
+    own: int
+    wall: float
+
+    @classmethod
+    def now(cls) -> CpuSample:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        with open("/proc/self/stat", encoding="ascii") as handle:
+            own = handle.read().rsplit(")", 1)[1].split()
+        return cls(user + nice + system + irq + softirq, steal, int(own[11]) + int(own[12]), time.perf_counter())
+
+    def foreign_cores(self, later: CpuSample) -> tuple[float, float]:
+        """(cores used by other processes, cores stolen by the hypervisor) on average since ``self``."""
+        ticks = os.sysconf("SC_CLK_TCK") * max(later.wall - self.wall, 1e-9)
+        others = (later.busy - self.busy) - (later.own - self.own)
+        return max(others, 0) / ticks, (later.steal - self.steal) / ticks
+
+
+def wait_for_idle(limit_s: float, threshold: float = 0.15) -> float:
+    """Wait up to ``limit_s`` seconds until other processes use under ``threshold`` cores; returns their use."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        first = CpuSample.now()
+        time.sleep(2.0)
+        others, _ = first.foreign_cores(CpuSample.now())
+        if others < threshold or time.monotonic() >= deadline:
+            return others
+        print(f"[bench] other processes use {others:.2f} cores; waiting for an idle machine", flush=True)
+        time.sleep(8.0)
+
+
 def optimizer_state(optimizer: Any) -> tuple[int, int]:
     """(bytes of every tensor in optimizer.state, elements of the parameters it optimises)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
@@ -246,6 +287,7 @@ class StageRecord:
     name: str
     trainable_params: int
     step_times_s: list[float] = field(default_factory=list)
+    rss_step_end_mib: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     optimizer_state_bytes: int = 0
     optimizer_param_numel: int = 0
@@ -273,6 +315,7 @@ class BenchCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.stages[-1].step_times_s.append(time.perf_counter() - self._t0)
+        self.stages[-1].rss_step_end_mib.append(_proc_status_kib("VmRSS") / 1024)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -322,6 +365,7 @@ def run_one(s: BenchSettings, mode: str, label: str, variant: str | None, datase
     """Train one configuration from a fresh model; returns its timings and memory figures."""
     baseline = reset_peak_rss()
     started = time.perf_counter()
+    cpu_start = CpuSample.now()
     callback = BenchCallback()
     with tempfile.TemporaryDirectory(prefix=f"bench-{mode}-{label}-") as out:
         model = build_model(s)
@@ -341,10 +385,12 @@ def run_one(s: BenchSettings, mode: str, label: str, variant: str | None, datase
         candidates = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         output = trainer.train()
         peak = peak_rss()
+        others, steal = cpu_start.foreign_cores(CpuSample.now())
         wall = time.perf_counter() - started
         files = sorted(p.name for p in Path(out).rglob("*") if p.is_file())
         plan_dict = plan.to_dict() if plan is not None else None
-        del trainer, model
+        callback.trainer = None
+        del trainer, model, plan
     after = reset_peak_rss()
     stages = [asdict(r) for r in callback.stages]
     timed = [t for r in callback.stages for t in r.step_times_s[s.warmup_steps:]]
@@ -367,10 +413,13 @@ def run_one(s: BenchSettings, mode: str, label: str, variant: str | None, datase
         "timed_steps": len(timed),
         "train_runtime_s": output.metrics.get("train_runtime"),
         "wall_s": wall,
+        "non_step_s": wall - sum(t for r in callback.stages for t in r.step_times_s),
         "rss_before_bytes": baseline,
         "peak_rss_bytes": peak,
         "peak_rss_delta_bytes": peak - baseline,
         "rss_after_bytes": after,
+        "foreign_cpu_cores": others,
+        "steal_cpu_cores": steal,
         "final_loss": callback.stages[-1].losses[-1] if callback.stages[-1].losses else None,
         "output_files": files,
         "plan": plan_dict,
@@ -490,10 +539,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}. Each stage runs the full "
         f"step budget (`dt_budget=per_stage`); the first {s['warmup_steps']} step(s) of every stage are left "
         "out of the step times. Peak RSS = VmHWM after resetting it (clear_refs 5) before each run, model "
-        "construction included; Δ = peak minus RSS at reset. Total benchmark wall time "
+        "construction included; Δ = peak minus RSS at reset. Non-step time = run wall time minus the sum of "
+        "all step times (model build, trainer set-up, dataset preparation, stage switches). Other procs = "
+        "average CPU cores used by other processes during the run (from /proc/stat). Total benchmark wall time "
         f"{report['total_wall_s']:.0f} s.",
         "",
     ]
+    busy = [r for r in runs if r["foreign_cpu_cores"] > 0.1]
+    if busy or report["foreign_cpu_cores_at_start"] > 0.1:
+        lines += [
+            f"**Warning:** other processes used CPU during {len(busy)} run(s) (up to "
+            f"{max([r['foreign_cpu_cores'] for r in runs] + [report['foreign_cpu_cores_at_start']]):.2f} cores); "
+            "their step times are not comparable.",
+            "",
+        ]
     for mode in s["modes"]:
         mode_runs = [r for r in runs if r["mode"] == mode]
         steps = mode_runs[0]["stages"][0]["step_times_s"]
@@ -501,16 +560,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"## {mode.upper()} ({'LoRA adapters' if mode == 'lora' else 'full fine-tuning'}, {len(steps)} steps "
             "per stage)",
             "",
-            "| run | stages | mean step (s) | median (s) | stdev (s) | n | step ratio vs plain | peak RSS (MiB) "
-            "| peak ratio | Δ RSS (MiB) | Δ ratio | final loss |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| run | stages | mean step (s) | median (s) | stdev (s) | n | step ratio vs plain | median ratio "
+            "| peak RSS (MiB) | peak ratio | Δ RSS (MiB) | Δ ratio | final loss | non-step time (s) "
+            "| other procs (cores) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in mode_runs:
             lines.append(
                 f"| {r['label']} | {len(r['stages'])} | {r['mean_step_s']:.3f} | {r['median_step_s']:.3f} "
                 f"| {r['stdev_step_s']:.3f} | {r['timed_steps']} | {r['step_ratio']:.3f} "
-                f"| {_mib(r['peak_rss_bytes'])} | {r['peak_rss_ratio']:.3f} | {_mib(r['peak_rss_delta_bytes'])} "
-                f"| {r['peak_rss_delta_ratio']:.3f} | {r['final_loss']:.4f} |"
+                f"| {r['median_step_ratio']:.3f} | {_mib(r['peak_rss_bytes'])} | {r['peak_rss_ratio']:.3f} "
+                f"| {_mib(r['peak_rss_delta_bytes'])} | {r['peak_rss_delta_ratio']:.3f} | {r['final_loss']:.4f} "
+                f"| {r['non_step_s']:.1f} | {r['foreign_cpu_cores']:.2f} |"
             )
         lines += [
             "",
@@ -555,6 +616,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     command = "HF_HUB_OFFLINE=1 " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
 
+    foreign_at_start = wait_for_idle(s.wait_idle_s)
+    if foreign_at_start > 0.15:
+        print(f"[bench] WARNING: other processes use {foreign_at_start:.2f} cores; timings will be noisy", flush=True)
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     dataset = build_dataset(s)
@@ -567,13 +631,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run = run_one(s, mode, label, variant, dataset, tokenizer)
             runs.append(run)
             print(f"[bench] {mode:4s} {label:5s} mean step {run['mean_step_s']:.3f}s "
-                  f"peak RSS {_mib(run['peak_rss_bytes'])} MiB ({time.perf_counter() - t0:.0f}s)", flush=True)
+                  f"peak RSS {_mib(run['peak_rss_bytes'])} MiB, other processes {run['foreign_cpu_cores']:.2f} "
+                  f"cores ({time.perf_counter() - t0:.0f}s)", flush=True)
     report = {
         "command": command,
         "settings": asdict(s),
         "intermediate": s.ffn,
         "machine": machine_info(),
         "targets": TARGETS,
+        "foreign_cpu_cores_at_start": foreign_at_start,
         "runs": runs,
         "total_wall_s": time.perf_counter() - started,
     }

@@ -38,7 +38,27 @@ _EXPORTS = {
     "DeepSpeedConfigError": "hf_tuning.deepspeed_checks",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BlockFamily",
+    "BlocksNotFoundError",
+    "DeepSpeedConfigError",
+    "PartitionError",
+    "Stage",
+    "StagePlan",
+    "StagedSFTConfig",
+    "StagedSFTTrainer",
+    "StagedTrainer",
+    "StagedTrainingArguments",
+    "StagedTuningCallback",
+    "SubspaceGroup",
+    "SubspacePartition",
+    "TuningVariant",
+    "VARIANTS",
+    "build_stage_plan",
+    "find_block_stack",
+    "partition_subspaces",
+    "register_block_family",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from hf_tuning.arguments import StagedTrainingArguments

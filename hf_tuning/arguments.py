@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-
 from transformers import TrainingArguments
 
 from hf_tuning.stages import ORDERS
@@ -35,40 +34,55 @@ class StagedTuningArgumentsMixin:
     )
     dt_num_groups: int | None = field(
         default=None,
-        metadata={"help": "Number of subspaces (default 4 for dt1/dt2, 2 for dt3/dt4; one per stage "
-                  "for hierarchical models under dt1/dt2)."},
+        metadata={
+            "help": "Number of subspaces (default 4 for dt1/dt2, 2 for dt3/dt4; one per stage "
+            "for hierarchical models under dt1/dt2)."
+        },
     )
     dt_order: str = field(
         default="forward",
-        metadata={"help": "Group order: forward (input side first, as in the paper), reverse, or random "
-                  "(a permutation drawn with `seed`).", "choices": list(ORDERS)},
+        metadata={
+            "help": "Group order: forward (input side first, as in the paper), reverse, or random "
+            "(a permutation drawn with `seed`).",
+            "choices": list(ORDERS),
+        },
     )
     dt_budget: str = field(
         default="per_stage",
-        metadata={"help": "per_stage: every stage runs the full num_train_epochs/max_steps (the paper). "
-                  "split: that budget is divided across the stages, for equal-compute comparisons.",
-                  "choices": list(BUDGETS)},
+        metadata={
+            "help": "per_stage: every stage runs the full num_train_epochs/max_steps (the paper). "
+            "split: that budget is divided across the stages, for equal-compute comparisons.",
+            "choices": list(BUDGETS),
+        },
     )
     dt_stage_init: str = field(
         default="last",
-        metadata={"help": "Weights each stage starts from: last (the previous stage's end) or best (its "
-                  "best checkpoint by metric_for_best_model, as in the paper; needs evaluation).",
-                  "choices": list(STAGE_INITS)},
+        metadata={
+            "help": "Weights each stage starts from: last (the previous stage's end) or best (its "
+            "best checkpoint by metric_for_best_model, as in the paper; needs evaluation).",
+            "choices": list(STAGE_INITS),
+        },
     )
     dt_always_trainable: list[str] | None = field(
         default=None,
-        metadata={"help": "Regexes of parameters trained in every stage. Unset: the head and final norm "
-                  "(the paper). An empty list trains them in no stage."},
+        metadata={
+            "help": "Regexes of parameters trained in every stage. Unset: the head and final norm "
+            "(the paper). An empty list trains them in no stage."
+        },
     )
     dt_frozen: list[str] | None = field(
         default=None,
-        metadata={"help": "Regexes of parameters no stage trains, e.g. 'embed_tokens|lm_head' to save "
-                  "optimizer memory in full fine-tuning of a large LLM."},
+        metadata={
+            "help": "Regexes of parameters no stage trains, e.g. 'embed_tokens|lm_head' to save "
+            "optimizer memory in full fine-tuning of a large LLM."
+        },
     )
     dt_groups: list[str] | None = field(
         default=None,
-        metadata={"help": "Explicit subspaces, one regex per group in depth order; replaces block "
-                  "discovery (for models whose blocks hf_tuning cannot find)."},
+        metadata={
+            "help": "Explicit subspaces, one regex per group in depth order; replaces block "
+            "discovery (for models whose blocks hf_tuning cannot find)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -85,9 +99,7 @@ class StagedTuningArgumentsMixin:
         if self.dt_num_groups is not None and self.dt_num_groups < 1:
             problems.append(f"dt_num_groups must be >= 1, got {self.dt_num_groups}")
         if self.dt_groups is not None and self.dt_num_groups not in (None, len(self.dt_groups)):
-            problems.append(
-                f"dt_num_groups={self.dt_num_groups} contradicts the {len(self.dt_groups)} dt_groups given"
-            )
+            problems.append(f"dt_num_groups={self.dt_num_groups} contradicts the {len(self.dt_groups)} dt_groups given")
         if problems:
             raise ValueError("invalid staged tuning arguments: " + "; ".join(problems))
         if self.dt_stage_init == "best":
@@ -115,4 +127,3 @@ class StagedTuningArgumentsMixin:
 @dataclass
 class StagedTrainingArguments(StagedTuningArgumentsMixin, TrainingArguments):
     """``TrainingArguments`` plus the ``dt_*`` staged-tuning fields (for :class:`StagedTrainer`)."""
-

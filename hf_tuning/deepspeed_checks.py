@@ -40,7 +40,7 @@ def check_deepspeed_config(args: Any, hf_ds_config: Any) -> None:
         if value is not None and value != "auto":
             problems.append(
                 f"- ds scheduler.params.{key}={value} is fixed, but staged tuning restarts the schedule "
-                "in every stage with that stage's own step count: set it to \"auto\" or drop the "
+                'in every stage with that stage\'s own step count: set it to "auto" or drop the '
                 "scheduler section and use lr_scheduler_type"
             )
     if not problems:
@@ -48,5 +48,5 @@ def check_deepspeed_config(args: Any, hf_ds_config: Any) -> None:
     raise DeepSpeedConfigError(
         f"{_config_source(args)} contradicts the training arguments:\n"
         + "\n".join(problems)
-        + "\nUse \"auto\" for these keys (the shipped deepspeed_configs/*.json do) or change the arguments."
+        + '\nUse "auto" for these keys (the shipped deepspeed_configs/*.json do) or change the arguments.'
     )

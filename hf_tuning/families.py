@@ -53,9 +53,7 @@ class BlockFamily:
 
     def matches_elements(self, stack: nn.Module) -> bool:
         children = list(stack.children())
-        return bool(children) and all(
-            re.search(self.block_class, type(child).__name__) for child in children
-        )
+        return bool(children) and all(re.search(self.block_class, type(child).__name__) for child in children)
 
 
 @dataclass

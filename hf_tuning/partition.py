@@ -157,8 +157,7 @@ def partition_subspaces(
     candidates = [(name, p) for name, p in named if p.requires_grad]
     if not candidates:
         raise PartitionError(
-            f"{type(model).__name__} has no trainable parameters (every requires_grad is False); "
-            "nothing to partition"
+            f"{type(model).__name__} has no trainable parameters (every requires_grad is False); nothing to partition"
         )
     # ZeRO-3 partitioned parameters are empty placeholders; ds_numel is their real size
     numel = {name: int(getattr(p, "ds_numel", p.numel())) for name, p in candidates}
@@ -259,9 +258,7 @@ def _assign_blocks(
                 f"uses one group per stage, so num_groups must be {stages} (got {num_groups}). "
                 "Pass regex groups for another split."
             )
-        labels = [
-            f"stage {s} ({_block_label([i for st, i in blocks if st == s])})" for s in range(stages)
-        ]
+        labels = [f"stage {s} ({_block_label([i for st, i in blocks if st == s])})" for s in range(stages)]
         return stages, {key: key[0] for key in blocks}, labels
     count = num_groups or DEFAULT_NUM_GROUPS[scheme]
     if scheme == "adjacent":
@@ -285,8 +282,9 @@ def _assign_blocks(
     group_of = {key: key[1] % count for key in blocks}
     where = "within each stage " if stack.hierarchical else ""
     labels = [
-        f"blocks with index % {count} == {g} {where}".strip() if count != 2 else
-        f"{('even', 'odd')[g]} blocks {where}".strip()
+        f"blocks with index % {count} == {g} {where}".strip()
+        if count != 2
+        else f"{('even', 'odd')[g]} blocks {where}".strip()
         for g in range(count)
     ]
     return count, group_of, labels

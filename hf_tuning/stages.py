@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from hf_tuning.partition import PartitionError, SubspacePartition, partition_subspaces
+from hf_tuning.partition import PartitionError, SubspaceGroup, SubspacePartition, partition_subspaces
 from hf_tuning.variants import get_variant
 
 __all__ = ["Stage", "StagePlan", "build_stage_plan", "ORDERS"]
@@ -119,8 +120,7 @@ def build_stage_plan(
         partition = model_or_partition
         if spec.partition and partition.scheme not in (spec.partition, "regex"):
             raise PartitionError(
-                f"{spec.name} uses the {spec.partition} partition but a {partition.scheme} "
-                "partition was given"
+                f"{spec.name} uses the {spec.partition} partition but a {partition.scheme} partition was given"
             )
     elif spec.partition is None:
         partition = _single_group_partition(model_or_partition, always_trainable, frozen, groups)
@@ -152,8 +152,7 @@ def build_stage_plan(
             stages = [make(i, g.name, [g]) for i, g in enumerate(ordered)]
         else:
             stages = [
-                make(i, "+".join(g.name for g in ordered[: i + 1]), ordered[: i + 1])
-                for i in range(len(ordered) - 1)
+                make(i, "+".join(g.name for g in ordered[: i + 1]), ordered[: i + 1]) for i in range(len(ordered) - 1)
             ]
             stages.append(make(len(ordered) - 1, "all", ordered))
     for stage in stages:
@@ -166,16 +165,12 @@ def _single_group_partition(model: nn.Module, always_trainable, frozen, groups) 
     """OST needs no block discovery: one group holding every trainable parameter."""
     if groups:
         return partition_subspaces(model, "regex", groups=groups, always_trainable=always_trainable, frozen=frozen)
-    import re
-
     frozen_patterns = [re.compile(p) for p in frozen or ()]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise PartitionError(f"{type(model).__name__} has no trainable parameters")
     kept = tuple(n for n, _ in named if not any(p.search(n) for p in frozen_patterns))
     excluded = tuple(n for n, _ in named if n not in set(kept))
-    from hf_tuning.partition import SubspaceGroup
-
     return SubspacePartition(
         scheme="none",
         groups=[SubspaceGroup(name="all", blocks="all", params=kept)],

@@ -30,8 +30,16 @@ def plot_stage_timeline(
         start, end = stage["start_step"], max(stage["end_step"], stage["start_step"] + 1e-9)
         ax.axvspan(start, end, color=colours(stage["index"] % 10), alpha=0.12, linewidth=0)
         label = f"S{stage['index']}: {stage['name']}"
-        ax.text((start + end) / 2, 1.0, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                fontsize=8, clip_on=False)
+        ax.text(
+            (start + end) / 2,
+            1.0,
+            label,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            clip_on=False,
+        )
         ax.axvline(start, color="grey", linewidth=0.6, linestyle=":")
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]

@@ -138,7 +138,6 @@ class StagedTrainerMixin:
     ) -> TrainOutput:
         """Run every stage of the plan (or the remaining ones when resuming)."""
         args = self.args
-        root = args.output_dir
         checkpoint, first_stage = self._resolve_resume(resume_from_checkpoint)
         budgets = self._stage_budgets()
         saved = {"max_steps": args.max_steps, "data_seed": args.data_seed}
@@ -183,7 +182,11 @@ class StagedTrainerMixin:
         self.stage_callback.begin_stage(stage, self._step_offset)
         logger.info(
             "dt stage %d/%d (%s): %s trainable parameters, groups %s",
-            stage.index + 1, len(self.stage_plan), stage.name, f"{stage.num_params:,}", list(stage.groups),
+            stage.index + 1,
+            len(self.stage_plan),
+            stage.name,
+            f"{stage.num_params:,}",
+            list(stage.groups),
         )
         self.log({"dt/stage_begin": stage.index, "dt/trainable_params": stage.num_params})
 
@@ -310,7 +313,7 @@ class StagedTrainerMixin:
         total_steps = records[-1]["end_step"] if records else 0
         weighted = [(o.training_loss, o.global_step) for o in outputs if o.training_loss is not None]
         steps = sum(s for _, s in weighted)
-        loss = sum(l * s for l, s in weighted) / steps if steps else (weighted[-1][0] if weighted else 0.0)
+        loss = sum(value * n for value, n in weighted) / steps if steps else 0.0
         metrics: dict[str, Any] = dict(outputs[-1].metrics) if outputs else {}
         metrics["train_runtime"] = sum(o.metrics.get("train_runtime", 0.0) for o in outputs)
         metrics["train_loss"] = loss

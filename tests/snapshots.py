@@ -41,7 +41,9 @@ def check_staged_run(output_dir: Path, snap_dir: Path, world_size: int) -> dict:
                 )
         if previous_end is not None:
             for name, value in begin.items():
-                assert torch.equal(value, previous_end[name]), f"stage {index} did not start from stage {index - 1}'s end"
+                assert torch.equal(value, previous_end[name]), (
+                    f"stage {index} did not start from stage {index - 1}'s end"
+                )
         previous_end = end
         for rank in range(1, world_size):
             _, other_end = load_snapshots(snap_dir, rank, index)

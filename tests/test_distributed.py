@@ -27,9 +27,21 @@ def launch(tmp_path: Path, config: str, processes: int, *script_args: str) -> tu
     out, snap = tmp_path / "out", tmp_path / "snap"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-        "--num_processes", str(processes), "--main_process_port", "0", str(SCRIPT),
-        "--output", str(out), "--snapshots", str(snap), *script_args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / config),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        "0",
+        str(SCRIPT),
+        "--output",
+        str(out),
+        "--snapshots",
+        str(snap),
+        *script_args,
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

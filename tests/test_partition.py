@@ -71,7 +71,10 @@ def test_bert_encoder_family_head_and_pooler_always():
     assert part.family == "bert_encoder" and part.num_blocks == 4
     assert any("embeddings" in n for n in part.groups[0].params)
     assert set(part.always_trainable) == {
-        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"
+        "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias",
+        "classifier.weight",
+        "classifier.bias",
     }
 
 

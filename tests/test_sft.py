@@ -36,13 +36,19 @@ def losses(trainer) -> list[tuple[int, float]]:
 def test_ost_matches_plain_sft_trainer(tmp_path):
     tokenizer, data = tiny_tokenizer(), text_dataset(48)
     plain = SFTTrainer(
-        model=tiny_llama(seed=3), args=SFTConfig(output_dir=str(tmp_path / "plain"), **COMMON),
-        train_dataset=data, processing_class=tokenizer, peft_config=lora(),
+        model=tiny_llama(seed=3),
+        args=SFTConfig(output_dir=str(tmp_path / "plain"), **COMMON),
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=lora(),
     )
     plain.train()
     staged = StagedSFTTrainer(
-        model=tiny_llama(seed=3), args=StagedSFTConfig(output_dir=str(tmp_path / "ost"), dt_variant="ost", **COMMON),
-        train_dataset=data, processing_class=tokenizer, peft_config=lora(),
+        model=tiny_llama(seed=3),
+        args=StagedSFTConfig(output_dir=str(tmp_path / "ost"), dt_variant="ost", **COMMON),
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=lora(),
     )
     staged.train()
     plain_losses = losses(plain)
@@ -54,8 +60,11 @@ def test_ost_matches_plain_sft_trainer(tmp_path):
 
 def test_dt3_lora_stages_only_adapters(tmp_path):
     trainer = StagedSFTTrainer(
-        model=tiny_llama(layers=4), args=StagedSFTConfig(output_dir=str(tmp_path), dt_variant="dt3", **COMMON),
-        train_dataset=text_dataset(32), processing_class=tiny_tokenizer(), peft_config=lora(),
+        model=tiny_llama(layers=4),
+        args=StagedSFTConfig(output_dir=str(tmp_path), dt_variant="dt3", **COMMON),
+        train_dataset=text_dataset(32),
+        processing_class=tiny_tokenizer(),
+        peft_config=lora(),
     )
     plan = trainer.stage_plan
     assert [s.name for s in plan.stages] == ["even", "odd"]

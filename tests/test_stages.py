@@ -21,7 +21,10 @@ def test_exact_stage_definitions(model):
     assert groups_per_stage(build_stage_plan(model, "ost")) == [["all"]]
     assert groups_per_stage(build_stage_plan(model, "dt1")) == [["G0"], ["G1"], ["G2"], ["G3"]]
     assert groups_per_stage(build_stage_plan(model, "dt2")) == [
-        ["G0"], ["G0", "G1"], ["G0", "G1", "G2"], ["G0", "G1", "G2", "G3"]
+        ["G0"],
+        ["G0", "G1"],
+        ["G0", "G1", "G2"],
+        ["G0", "G1", "G2", "G3"],
     ]
     assert [s.name for s in build_stage_plan(model, "dt2").stages] == ["G0", "G0+G1", "G0+G1+G2", "all"]
     assert groups_per_stage(build_stage_plan(model, "dt3")) == [["even"], ["odd"]]
@@ -44,10 +47,15 @@ def test_orders(model):
     reverse = build_stage_plan(model, "dt1", order="reverse")
     assert [s.name for s in reverse.stages] == ["G3", "G2", "G1", "G0"]
     assert [s.name for s in build_stage_plan(model, "dt2", order="reverse").stages] == [
-        "G3", "G3+G2", "G3+G2+G1", "all"
+        "G3",
+        "G3+G2",
+        "G3+G2+G1",
+        "all",
     ]
     assert [s.name for s in build_stage_plan(model, "dt3", order="reverse").stages] == ["odd", "even"]
-    draws = {tuple(s.name for s in build_stage_plan(model, "dt1", order="random", seed=seed).stages) for seed in range(8)}
+    draws = {
+        tuple(s.name for s in build_stage_plan(model, "dt1", order="random", seed=seed).stages) for seed in range(8)
+    }
     assert all(sorted(d) == ["G0", "G1", "G2", "G3"] for d in draws)
     assert len(draws) > 1  # the seed matters
     again = build_stage_plan(model, "dt1", order="random", seed=3)

@@ -83,8 +83,14 @@ def test_resume_mid_stage_is_exact(tmp_path):
     resumed = run(str(tmp_path / "run"), "dt1", steps=4, save_steps=2, resume=True)
     for (name, a), (_, b) in zip(reference.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
+
     def train_logs(trainer):
-        return [(e["step"], e["dt/stage"], e["learning_rate"], e["loss"]) for e in trainer.stage_callback.log_history if "loss" in e]
+        return [
+            (e["step"], e["dt/stage"], e["learning_rate"], e["loss"])
+            for e in trainer.stage_callback.log_history
+            if "loss" in e
+        ]
+
     ref_logs, resumed_logs = train_logs(reference), train_logs(resumed)
     assert resumed_logs[-8:] == ref_logs[-8:]  # same stage, step, LR and loss after the resume point
     report = json.loads((tmp_path / "run" / "dt_stages.json").read_text())
@@ -117,10 +123,12 @@ class BlockGradRecorder(TrainerCallback):
         self.by_stage[stage] = set()
         layers = [m for n, m in model.named_modules() if n.endswith("model.layers")][0]
         for index, layer in enumerate(layers):
+
             def hook(module, inputs, output, index=index, stage=stage):
                 tensor = output[0] if isinstance(output, tuple) else output
                 if module.training and tensor.requires_grad:
                     self.by_stage[stage].add(index)
+
             self.handles.append(layer.register_forward_hook(hook))
 
     def on_train_end(self, *args, **kwargs):
@@ -134,8 +142,10 @@ def test_backward_stops_at_lowest_active_block(tmp_path, checkpointing):
     recorder = BlockGradRecorder()
     extra = {}
     if checkpointing:
-        extra = {"gradient_checkpointing": True,
-                 "gradient_checkpointing_kwargs": {"use_reentrant": checkpointing == "reentrant"}}
+        extra = {
+            "gradient_checkpointing": True,
+            "gradient_checkpointing_kwargs": {"use_reentrant": checkpointing == "reentrant"},
+        }
 
     class InputGradsLikeTRL(TrainerCallback):
         """TRL/PEFT enable input-require-grads for checkpointing; the engine must neutralise it."""
@@ -143,7 +153,9 @@ def test_backward_stops_at_lowest_active_block(tmp_path, checkpointing):
         def on_init_end(self, *args, **kwargs):
             pass
 
-    trainer = run(str(tmp_path / "out"), "dt1", lora=True, snapshots=str(tmp_path / "snap"), callbacks=(recorder,), **extra)
+    trainer = run(
+        str(tmp_path / "out"), "dt1", lora=True, snapshots=str(tmp_path / "snap"), callbacks=(recorder,), **extra
+    )
     check_staged_run(tmp_path / "out", tmp_path / "snap", world_size=1)  # every active adapter still trains
     assert recorder.by_stage == {0: set(range(8)), 1: set(range(2, 8)), 2: set(range(4, 8)), 3: {6, 7}}
     assert trainer.model.base_model.model.model.layers[0].gradient_checkpointing == bool(checkpointing)
@@ -156,8 +168,14 @@ def test_input_require_grads_hook_is_lifted_per_stage(tmp_path):
     model = get_peft_model(tiny_llama(layers=8), LoraConfig(r=4, target_modules="all-linear"))
     model.enable_input_require_grads()
     args = StagedTrainingArguments(
-        output_dir=str(tmp_path), dt_variant="dt1", max_steps=1, report_to=[], disable_tqdm=True,
-        per_device_train_batch_size=4, save_strategy="no", gradient_checkpointing=True,
+        output_dir=str(tmp_path),
+        dt_variant="dt1",
+        max_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": True},
     )
     recorder = BlockGradRecorder()
@@ -178,7 +196,12 @@ def test_outputs_report_timeline_and_tensorboard(tmp_path, monkeypatch):
     assert report["variant"] == "dt2" and report["complete"] and report["budget"] == "per_stage"
     records = report["stage_records"]
     assert [r["name"] for r in records] == ["G0", "G0+G1", "G0+G1+G2", "all"]
-    assert [(r["start_step"], r["end_step"], r["steps"]) for r in records] == [(0, 3, 3), (3, 6, 3), (6, 9, 3), (9, 12, 3)]
+    assert [(r["start_step"], r["end_step"], r["steps"]) for r in records] == [
+        (0, 3, 3),
+        (3, 6, 3),
+        (6, 9, 3),
+        (9, 12, 3),
+    ]
     assert [r["trainable_params"] for r in records] == [s.num_params for s in trainer.stage_plan.stages]
     assert all(isinstance(r["final_train_loss"], float) and isinstance(r["train_loss_mean"], float) for r in records)
     png = (tmp_path / "out" / "dt_timeline.png").read_bytes()
@@ -194,8 +217,16 @@ def test_outputs_report_timeline_and_tensorboard(tmp_path, monkeypatch):
 
 def test_stage_init_best_restores_best_checkpoint(tmp_path):
     trainer = run(
-        str(tmp_path / "out"), "dt3", steps=4, snapshots=str(tmp_path / "snap"), dt_stage_init="best",
-        eval_strategy="steps", eval_steps=1, save_steps=1, save_strategy="steps", learning_rate=0.05,
+        str(tmp_path / "out"),
+        "dt3",
+        steps=4,
+        snapshots=str(tmp_path / "snap"),
+        dt_stage_init="best",
+        eval_strategy="steps",
+        eval_steps=1,
+        save_steps=1,
+        save_strategy="steps",
+        learning_rate=0.05,
         metric_for_best_model="loss",
     )
     records = json.loads((tmp_path / "out" / "dt_stages.json").read_text())["stage_records"]
@@ -245,7 +276,9 @@ def test_configuration_errors(tmp_path):
 
 def test_regex_groups_through_the_trainer(tmp_path):
     trainer = run(
-        str(tmp_path / "out"), "dt1", snapshots=str(tmp_path / "snap"),
+        str(tmp_path / "out"),
+        "dt1",
+        snapshots=str(tmp_path / "snap"),
         dt_groups=[r"layers\.[0-3]\.self_attn", r"layers\.[4-7]\.self_attn", r"\.mlp\."],
     )
     check_staged_run(tmp_path / "out", tmp_path / "snap", world_size=1)

@@ -19,9 +19,8 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny import lm_dataset, tiny_llama  # noqa: E402
-
 from hf_tuning import StagedTrainer, StagedTrainingArguments  # noqa: E402
+from tiny import lm_dataset, tiny_llama  # noqa: E402
 
 
 class SnapshotCallback(TrainerCallback):
@@ -113,7 +112,9 @@ def run(
     settings.update(overrides)
     eval_dataset = lm_dataset(16, seed=2) if settings.get("eval_strategy", "no") != "no" else None
     trainer = StagedTrainer(
-        model=model, args=StagedTrainingArguments(**settings), train_dataset=lm_dataset(64, seed=1),
+        model=model,
+        args=StagedTrainingArguments(**settings),
+        train_dataset=lm_dataset(64, seed=1),
         eval_dataset=eval_dataset,
     )
     if snapshots:
@@ -155,7 +156,14 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     cli = parser.parse_args()
     run(
-        cli.output, cli.variant, cli.snapshots, cli.lora, cli.steps, cli.save_steps, cli.crash, cli.resume,
+        cli.output,
+        cli.variant,
+        cli.snapshots,
+        cli.lora,
+        cli.steps,
+        cli.save_steps,
+        cli.crash,
+        cli.resume,
     )
 
 
