@@ -81,3 +81,19 @@ def test_deepspeed_zero3_lora_and_complete_adapter(tmp_path):
 def test_deepspeed_zero3_offload_full_finetuning(tmp_path):
     out, snap = launch(tmp_path, "deepspeed_zero3_offload.yaml", 2, "--variant", "dt3")
     check_staged_run(out, snap, world_size=2)
+
+
+def test_deepspeed_config_contradicting_the_arguments_fails_before_training(tmp_path):
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731",
+    }
+    script = ROOT / "tests" / "scripts" / "deepspeed_mismatch.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    message = result.stdout
+    assert "train_micro_batch_size_per_gpu=8" in message and "per_device_train_batch_size=4" in message
+    assert "gradient_clipping=0.5" in message
+    assert "scheduler.params.warmup_num_steps=100" in message

@@ -1,0 +1,1 @@
+"""Dataset builders (instruction data, image folders, VTAB/FGVC); see the README of each issue."""

@@ -1,0 +1,1 @@
+"""Evaluation scripts and metric modules loaded by path (no Hub access needed)."""
