@@ -36,6 +36,7 @@ from hf_tuning.deepspeed_checks import check_deepspeed_config
 from hf_tuning.families import BlocksNotFoundError, find_block_stack
 from hf_tuning.io import atomic_write_json, read_json
 from hf_tuning.stages import Stage, StagePlan, build_stage_plan
+from hf_tuning.deepspeed_resume import restore_frozen_weights
 
 __all__ = ["StagedTrainerMixin", "StagedTrainer", "STATE_FILE", "stage_dir_name", "find_last_staged_checkpoint"]
 
@@ -145,6 +146,9 @@ class StagedTrainerMixin:
         try:
             for stage in self.stage_plan.stages[first_stage:]:
                 self._enter_stage(stage, budgets[stage.index])
+                if checkpoint is not None and stage.index == first_stage and self.is_deepspeed_enabled:
+                    # DeepSpeed's own state holds only what this stage trains (ZeRO-3, PEFT)
+                    restore_frozen_weights(self.model, checkpoint, set(self._candidates) - set(stage.params))
                 outputs.append(
                     super().train(
                         resume_from_checkpoint=checkpoint if stage.index == first_stage else None,
@@ -260,7 +264,19 @@ class StagedTrainerMixin:
         return os.path.join(run_dir, stage_dir_name(self._active_stage.index))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+        if self.is_deepspeed_enabled and self._active_stage is not None:
+            # DeepSpeed saves PEFT weights with exclude_frozen_parameters=True: without this the
+            # checkpoint would hold only the current stage's adapters, not those of earlier stages
+            frozen = [p for n, p in self.model.named_parameters() if n in self._candidates and not p.requires_grad]
+            for param in frozen:
+                param.requires_grad_(True)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                for param in frozen:
+                    param.requires_grad_(False)
+        else:
+            super()._save_checkpoint(model, trial)
         if self._active_stage is None or not self.args.should_save:
             return
         folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"

@@ -97,3 +97,20 @@ def test_deepspeed_config_contradicting_the_arguments_fails_before_training(tmp_
     assert "train_micro_batch_size_per_gpu=8" in message and "per_device_train_batch_size=4" in message
     assert "gradient_clipping=0.5" in message
     assert "scheduler.params.warmup_num_steps=100" in message
+
+
+@pytest.mark.parametrize("config", ["deepspeed_zero3.yaml"])
+def test_deepspeed_resume_mid_stage_is_exact_and_checkpoints_complete(tmp_path, config):
+    """ZeRO-3 keeps only the current stage's parameters in its state; the engine restores the rest."""
+    common = ("--variant", "dt1", "--lora", "--steps", "4", "--save-steps", "2")
+    reference, _ = launch(tmp_path / "ref", config, 2, *common)
+    with pytest.raises(AssertionError, match="simulated crash"):
+        launch(tmp_path / "run", config, 2, *common, "--crash", "1:2")
+    checkpoint = tmp_path / "run" / "out" / "stage-1" / "checkpoint-2"
+    saved = load_file(str(checkpoint / "adapter_model.safetensors"))
+    expected = load_file(str(reference / "final" / "adapter_model.safetensors"))
+    assert saved.keys() == expected.keys()  # every stage's adapters, not just the active ones
+    resumed, _ = launch(tmp_path / "run", config, 2, *common, "--resume")
+    final = load_file(str(resumed / "final" / "adapter_model.safetensors"))
+    for name, tensor in expected.items():
+        assert (final[name] == tensor).all(), name
