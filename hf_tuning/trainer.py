@@ -33,10 +33,10 @@ from hf_tuning.arguments import StagedTuningArgumentsMixin
 from hf_tuning.backward import BackwardStopper
 from hf_tuning.callback import StagedTuningCallback
 from hf_tuning.deepspeed_checks import check_deepspeed_config
+from hf_tuning.deepspeed_resume import restore_frozen_weights
 from hf_tuning.families import BlocksNotFoundError, find_block_stack
 from hf_tuning.io import atomic_write_json, read_json
 from hf_tuning.stages import Stage, StagePlan, build_stage_plan
-from hf_tuning.deepspeed_resume import restore_frozen_weights
 
 __all__ = ["StagedTrainerMixin", "StagedTrainer", "STATE_FILE", "stage_dir_name", "find_last_staged_checkpoint"]
 
