@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from hf_tuning.families import BlockStack, find_block_stack
+from hf_tuning.families import BlocksNotFoundError, BlockStack, find_block_stack
 
 __all__ = ["SubspaceGroup", "SubspacePartition", "partition_subspaces", "PartitionError", "SCHEMES"]
 
@@ -175,7 +175,11 @@ def partition_subspaces(
         return any(p.search(name) for p in always_patterns)
 
     if scheme == "regex":
-        return _partition_by_regex(candidates, numel, groups, is_frozen, is_always, head_ids)
+        try:
+            block_prefixes = tuple(prefix for prefix, _, _ in find_block_stack(model).blocks)
+        except BlocksNotFoundError:
+            block_prefixes = ()
+        return _partition_by_regex(named, candidates, numel, groups, is_frozen, is_always, block_prefixes)
 
     stack = find_block_stack(model)
     position = {name: i for i, (name, _) in enumerate(named)}
@@ -206,15 +210,12 @@ def partition_subspaces(
             always.append(name)
         elif isinstance(where, tuple):
             members[group_of[where]].append(name)
-        elif isinstance(where, int) or input_side:
-            # stage-level layers and embeddings: with their stage / the first group under
-            # adjacent, every stage under cross
-            if scheme == "adjacent":
-                stage = where if isinstance(where, int) else 0
-                target = group_of[next(key for key in group_of if key[0] == stage)]
-                members[target if isinstance(where, int) else 0].append(name)
-            else:
-                always.append(name)
+        elif input_side and scheme == "adjacent":
+            members[0].append(name)  # embeddings / stem: with the first group
+        elif isinstance(where, int) and scheme == "adjacent":
+            members[where].append(name)  # stage-level layers (downsampling): with their stage
+        elif input_side or isinstance(where, int):
+            always.append(name)  # under cross: in every stage
         else:
             excluded.append(name)  # output side but the user's always_trainable list left it out
 
@@ -290,13 +291,19 @@ def _assign_blocks(
     return count, group_of, labels
 
 
-def _partition_by_regex(candidates, numel, groups, is_frozen, is_always, head_ids) -> SubspacePartition:
+def _partition_by_regex(
+    named, candidates, numel, groups, is_frozen, is_always, block_prefixes: tuple[str, ...]
+) -> SubspacePartition:
     items = list(groups.items()) if isinstance(groups, Mapping) else [(f"R{i}", g) for i, g in enumerate(groups)]
     compiled = _compile([pattern for _, pattern in items], "groups")
+    hits_of = {name: [i for i, pattern in enumerate(compiled) if pattern.search(name)] for name, _ in candidates}
+    # output side: after every parameter the groups matched and outside the blocks (head, final norm)
+    position = {name: i for i, (name, _) in enumerate(named)}
+    last_grouped = max((position[n] for n, hits in hits_of.items() if hits), default=len(named))
     members: list[list[str]] = [[] for _ in items]
     always, excluded = [], []
     for name, param in candidates:
-        hits = [i for i, pattern in enumerate(compiled) if pattern.search(name)]
+        hits = hits_of[name]
         if len(hits) > 1:
             raise PartitionError(
                 f"parameter {name!r} matches several groups ({', '.join(items[i][0] for i in hits)}); "
@@ -306,7 +313,7 @@ def _partition_by_regex(candidates, numel, groups, is_frozen, is_always, head_id
             excluded.append(name)
         elif hits:
             members[hits[0]].append(name)
-        elif is_always(name, param, id(param) in head_ids or _looks_like_head(name)):
+        elif is_always(name, param, position[name] > last_grouped and not name.startswith(block_prefixes)):
             always.append(name)
         else:
             excluded.append(name)
@@ -323,13 +330,3 @@ def _partition_by_regex(candidates, numel, groups, is_frozen, is_always, head_id
         frozen=tuple(excluded),
         param_numel=numel,
     )
-
-
-_HEAD_NAMES = re.compile(
-    r"(?:^|\.)(lm_head|classifier|head|score|qa_outputs|pooler|norm|final_layer_norm|ln_f|layernorm)\."
-)
-
-
-def _looks_like_head(name: str) -> bool:
-    """Output-side parameters of models whose blocks were not located (regex groups)."""
-    return _HEAD_NAMES.search(name) is not None and not re.search(r"\.\d+\.", name)
