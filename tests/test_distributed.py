@@ -99,9 +99,10 @@ def test_deepspeed_config_contradicting_the_arguments_fails_before_training(tmp_
     assert "scheduler.params.warmup_num_steps=100" in message
 
 
-@pytest.mark.parametrize("config", ["deepspeed_zero3.yaml"])
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
 def test_deepspeed_resume_mid_stage_is_exact_and_checkpoints_complete(tmp_path, config):
-    """ZeRO-3 keeps only the current stage's parameters in its state; the engine restores the rest."""
+    """DeepSpeed keeps only the current stage's parameters in its state (ZeRO-3 partitions, PEFT
+    module states saved without frozen parameters); the engine saves and restores the rest."""
     common = ("--variant", "dt1", "--lora", "--steps", "4", "--save-steps", "2")
     reference, _ = launch(tmp_path / "ref", config, 2, *common)
     with pytest.raises(AssertionError, match="simulated crash"):
