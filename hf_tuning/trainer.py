@@ -141,11 +141,13 @@ class StagedTrainerMixin:
         args = self.args
         checkpoint, first_stage = self._resolve_resume(resume_from_checkpoint)
         budgets = self._stage_budgets()
-        saved = {"max_steps": args.max_steps, "data_seed": args.data_seed}
+        loader_config = self.accelerator.dataloader_config
+        saved = {"max_steps": args.max_steps, "data_seed": args.data_seed, "loader_seed": loader_config.data_seed}
         outputs: list[TrainOutput] = []
         try:
             for stage in self.stage_plan.stages[first_stage:]:
                 self._enter_stage(stage, budgets[stage.index])
+                self._seed_stage_shuffle(stage, saved["data_seed"], saved["loader_seed"])
                 if checkpoint is not None and stage.index == first_stage and self.is_deepspeed_enabled:
                     # DeepSpeed's own state holds only what this stage trains (ZeRO-3, PEFT)
                     restore_frozen_weights(self.model, checkpoint, set(self._candidates) - set(stage.params))
@@ -160,6 +162,7 @@ class StagedTrainerMixin:
                 self._leave_stage(stage, outputs[-1])
         finally:
             args.max_steps, args.data_seed = saved["max_steps"], saved["data_seed"]
+            loader_config.data_seed = saved["loader_seed"]
             self._active_stage = None
             self._restore_trainable()
         return self._combined_output(outputs)
@@ -170,8 +173,6 @@ class StagedTrainerMixin:
         self._step_offset = self.stage_callback.records[-1]["end_step"] if self.stage_callback.records else 0
         if max_steps is not None:
             args.max_steps = max_steps
-            # a fresh shuffle per stage, so fractional-epoch stages do not all see the same prefix
-            args.data_seed = (args.data_seed if args.data_seed is not None else args.seed) + stage.index
         self._apply_stage_mask(stage)
         # fresh optimizer, scheduler and wrapper: the Trainer rebuilds them from the current mask
         self.optimizer, self.lr_scheduler = None, None
@@ -193,6 +194,16 @@ class StagedTrainerMixin:
             list(stage.groups),
         )
         self.log({"dt/stage_begin": stage.index, "dt/trainable_params": stage.num_params})
+
+    def _seed_stage_shuffle(self, stage: Stage, data_seed: int | None, loader_seed: int | None) -> None:
+        """Stage k > 0 shuffles with ``data_seed + k``: otherwise every stage (each a fresh ``train()``
+        that re-seeds) would replay the same batches, and stages shorter than an epoch would all see
+        the same prefix of the data. Stage 0 keeps the user's seeds, so ``ost`` equals plain training."""
+        if stage.index == 0:
+            self.args.data_seed, self.accelerator.dataloader_config.data_seed = data_seed, loader_seed
+            return
+        seed = (data_seed if data_seed is not None else self.args.seed) + stage.index
+        self.args.data_seed = self.accelerator.dataloader_config.data_seed = seed
 
     def _leave_stage(self, stage: Stage, output: TrainOutput) -> None:
         record = self.stage_callback.records[-1]

@@ -12,9 +12,25 @@ def test_command_line_overrides(tmp_path):
     parser = HfArgumentParser(StagedSFTConfig)
     (args,) = parser.parse_args_into_dataclasses(
         [
-            "--output_dir", str(tmp_path), "--dt_variant", "dt1", "--dt_num_groups", "8", "--dt_order", "reverse",
-            "--dt_budget", "split", "--dt_frozen", "embed_tokens", "lm_head", "--dt_always_trainable", "norm",
-            "--bf16", "false", "--report_to", "none",
+            "--output_dir",
+            str(tmp_path),
+            "--dt_variant",
+            "dt1",
+            "--dt_num_groups",
+            "8",
+            "--dt_order",
+            "reverse",
+            "--dt_budget",
+            "split",
+            "--dt_frozen",
+            "embed_tokens",
+            "lm_head",
+            "--dt_always_trainable",
+            "norm",
+            "--bf16",
+            "false",
+            "--report_to",
+            "none",
         ]
     )
     assert (args.dt_variant, args.dt_num_groups, args.dt_order, args.dt_budget) == ("dt1", 8, "reverse", "split")

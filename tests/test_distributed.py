@@ -85,8 +85,13 @@ def test_deepspeed_zero3_offload_full_finetuning(tmp_path):
 
 def test_deepspeed_config_contradicting_the_arguments_fails_before_training(tmp_path):
     env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731",
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29731",
     }
     script = ROOT / "tests" / "scripts" / "deepspeed_mismatch.py"
     result = subprocess.run(

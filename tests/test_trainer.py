@@ -283,3 +283,30 @@ def test_regex_groups_through_the_trainer(tmp_path):
     )
     check_staged_run(tmp_path / "out", tmp_path / "snap", world_size=1)
     assert [s.name for s in trainer.stage_plan.stages] == ["R0", "R1", "R2"]
+
+
+def test_each_stage_draws_its_own_shuffle(tmp_path):
+    seen: dict[int, list[tuple]] = {}
+
+    class Recording(StagedTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            rows = [tuple(r) for r in inputs["input_ids"][:, :4].tolist()]
+            seen.setdefault(self._active_stage.index, []).extend(rows)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    args = StagedTrainingArguments(
+        output_dir=str(tmp_path),
+        dt_variant="dt1",
+        dt_budget="split",
+        max_steps=16,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=5,
+    )
+    data = lm_dataset(64, 16, seed=4)
+    Recording(model=tiny_llama(), args=args, train_dataset=data).train()
+    assert len({tuple(seen[k]) for k in seen}) == 4  # no two stages replay the same batches
+    assert len({row for rows in seen.values() for row in rows}) > 40  # of 64 rows, one epoch in total
+    assert args.data_seed is None  # restored

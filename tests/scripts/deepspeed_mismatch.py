@@ -21,7 +21,11 @@ CONFIG = {
 
 if __name__ == "__main__":
     args = StagedTrainingArguments(
-        output_dir=sys.argv[1], deepspeed=CONFIG, per_device_train_batch_size=4, max_grad_norm=1.0, report_to=[],
+        output_dir=sys.argv[1],
+        deepspeed=CONFIG,
+        per_device_train_batch_size=4,
+        max_grad_norm=1.0,
+        report_to=[],
         use_cpu=True,
     )
     try:
