@@ -97,6 +97,7 @@ def main() -> None:
                 f"  {stage['steps']:>5}  {stage['final_train_loss']:.4f}"
             )
     print("\nheld-out loss: " + ", ".join(f"{r['variant']} {r['eval_loss']:.4f}" for r in results))
+    print(f"(dt_budget=per_stage, as in the paper: every stage runs {cli.steps} steps, so dt3 trains twice as long)")
     print(
         f"stage report and timeline: {output_dir / 'dt3' / 'dt_stages.json'}, {output_dir / 'dt3' / 'dt_timeline.png'}"
     )
