@@ -24,7 +24,14 @@ from torch import nn
 
 from hf_tuning.families import BlocksNotFoundError, BlockStack, find_block_stack
 
-__all__ = ["SubspaceGroup", "SubspacePartition", "partition_subspaces", "PartitionError", "SCHEMES"]
+__all__ = [
+    "SubspaceGroup",
+    "SubspacePartition",
+    "partition_subspaces",
+    "whole_model_partition",
+    "PartitionError",
+    "SCHEMES",
+]
 
 SCHEMES = ("adjacent", "cross", "regex")
 DEFAULT_NUM_GROUPS = {"adjacent": 4, "cross": 2}
@@ -91,6 +98,44 @@ def _compile(patterns: Sequence[str] | None, what: str) -> list[re.Pattern[str]]
     return compiled
 
 
+def _trainable(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    candidates = [(name, p) for name, p in named if p.requires_grad]
+    if not candidates:
+        raise PartitionError(
+            f"{type(model).__name__} has no trainable parameters (every requires_grad is False); nothing to partition"
+        )
+    return candidates
+
+
+def _numel(candidates: list[tuple[str, nn.Parameter]]) -> dict[str, int]:
+    # ZeRO-3 partitioned parameters are empty placeholders; ds_numel is their real size
+    return {name: int(getattr(p, "ds_numel", p.numel())) for name, p in candidates}
+
+
+def whole_model_partition(
+    model: nn.Module,
+    always_trainable: Sequence[str] | None = None,
+    frozen: Sequence[str] | None = None,
+    groups: Sequence[str] | Mapping[str, str] | None = None,
+) -> SubspacePartition:
+    """The OST partition: one group with every trainable parameter (no block discovery needed).
+    With ``groups`` it is the regex partition, so OST trains what the DT variants would."""
+    if groups:
+        return partition_subspaces(model, "regex", groups=groups, always_trainable=always_trainable, frozen=frozen)
+    candidates = _trainable(model, list(model.named_parameters()))
+    frozen_patterns = _compile(frozen, "frozen") or []
+    kept, excluded = [], []
+    for name, _ in candidates:
+        (excluded if any(p.search(name) for p in frozen_patterns) else kept).append(name)
+    return SubspacePartition(
+        scheme="none",
+        groups=[SubspaceGroup(name="all", blocks="all", params=tuple(kept))],
+        always_trainable=(),
+        frozen=tuple(excluded),
+        param_numel=_numel(candidates),
+    )
+
+
 def _output_side_ids(model: nn.Module) -> set[int]:
     """ids of the output head's parameters (catches heads tied to the input embeddings)."""
     getter = getattr(model, "get_output_embeddings", None)
@@ -154,13 +199,8 @@ def partition_subspaces(
         raise PartitionError(f"num_groups must be >= 1, got {num_groups}")
 
     named = list(model.named_parameters())
-    candidates = [(name, p) for name, p in named if p.requires_grad]
-    if not candidates:
-        raise PartitionError(
-            f"{type(model).__name__} has no trainable parameters (every requires_grad is False); nothing to partition"
-        )
-    # ZeRO-3 partitioned parameters are empty placeholders; ds_numel is their real size
-    numel = {name: int(getattr(p, "ds_numel", p.numel())) for name, p in candidates}
+    candidates = _trainable(model, named)
+    numel = _numel(candidates)
     frozen_patterns = _compile(frozen, "frozen") or []
     always_patterns = _compile(always_trainable, "always_trainable")
     head_ids = _output_side_ids(model)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from hf_tuning.partition import PartitionError, SubspaceGroup, SubspacePartition, partition_subspaces
+from hf_tuning.partition import PartitionError, SubspacePartition, partition_subspaces, whole_model_partition
 from hf_tuning.variants import get_variant
 
 __all__ = ["Stage", "StagePlan", "build_stage_plan", "ORDERS"]
@@ -123,7 +122,7 @@ def build_stage_plan(
                 f"{spec.name} uses the {spec.partition} partition but a {partition.scheme} partition was given"
             )
     elif spec.partition is None:
-        partition = _single_group_partition(model_or_partition, always_trainable, frozen, groups)
+        partition = whole_model_partition(model_or_partition, always_trainable, frozen, groups)
     else:
         partition = partition_subspaces(
             model_or_partition,
@@ -159,22 +158,3 @@ def build_stage_plan(
         if not stage.params:
             raise PartitionError(f"stage {stage.index} ({stage.name}) of {spec.name} has nothing to train")
     return StagePlan(variant=spec.name, order=order, stages=tuple(stages), partition=partition, seed=seed)
-
-
-def _single_group_partition(model: nn.Module, always_trainable, frozen, groups) -> SubspacePartition:
-    """OST needs no block discovery: one group holding every trainable parameter."""
-    if groups:
-        return partition_subspaces(model, "regex", groups=groups, always_trainable=always_trainable, frozen=frozen)
-    frozen_patterns = [re.compile(p) for p in frozen or ()]
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise PartitionError(f"{type(model).__name__} has no trainable parameters")
-    kept = tuple(n for n, _ in named if not any(p.search(n) for p in frozen_patterns))
-    excluded = tuple(n for n, _ in named if n not in set(kept))
-    return SubspacePartition(
-        scheme="none",
-        groups=[SubspaceGroup(name="all", blocks="all", params=kept)],
-        always_trainable=(),
-        frozen=excluded,
-        param_numel={n: int(getattr(p, "ds_numel", p.numel())) for n, p in named},
-    )
