@@ -1,0 +1,186 @@
+"""AgriMaTech-LLaMA: Llama-3.1-8B-Instruct + LoRA + DT-3 on AgriMachine28K-style instruction data.
+
+    accelerate launch recipes/agrimatech_llama_dt3.py --config recipes/configs/agrimatech_llama_dt3.yaml
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/agrimatech_llama_dt3.py \\
+        --config recipes/configs/agrimatech_llama_dt3.yaml --push_to_hub --hub_model_id me/agrimatech-llama-dt3
+    python recipes/agrimatech_llama_dt3.py --config recipes/configs/agrimatech_smollm2_dt3.yaml   # CPU, minutes
+
+Every field of the four dataclasses below can be set in the YAML file and overridden on the
+command line (``--dt_variant dt1 --lora_r 32``), as in TRL's scripts. The steps:
+
+1. check everything that can fail (model, data, chat template) before loading weights;
+2. load the model (optionally 4-bit for QLoRA) and let TRL wrap it with LoRA;
+3. train stage by stage (DT-3: even blocks, then odd blocks), resumable with ``--resume_from_checkpoint``;
+4. save the adapter, tokenizer and a model card, evaluate, and push to the Hub if asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # datasets_builders, when run from a checkout
+
+from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrimachine_dataset  # noqa: E402
+from datasets_builders.instruction_formats import looks_like_hub_id  # noqa: E402
+from hf_tuning import StagedSFTConfig, StagedSFTTrainer  # noqa: E402
+from hf_tuning.chat_templates import apply_training_chat_template, end_of_turn_token  # noqa: E402
+from hf_tuning.hub import push_output_dir  # noqa: E402
+from hf_tuning.model_card import write_model_card  # noqa: E402
+from hf_tuning.models import check_model_exists, kbit_device_map, load_causal_lm, load_tokenizer  # noqa: E402
+from hf_tuning.precision import torch_dtype_for  # noqa: E402
+
+logger = logging.getLogger("agrimatech")
+
+
+@dataclass
+class RecipeArguments:
+    """What the recipe adds to TRL's ModelConfig and SFTConfig."""
+
+    chat_template: str = field(
+        default="auto",
+        metadata={
+            "help": "Training chat template: auto (from the tokenizer), llama3, llama3.1, chatml or a .jinja path."
+        },
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path, if any."})
+    base_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id recorded as the base model in the card and adapter config (default: the model path)."
+        },
+    )
+    license: str | None = field(default=None, metadata={"help": "License written to the model card."})
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = TrlParser((RecipeArguments, AgriMachineDataArguments, ModelConfig, StagedSFTConfig))
+    return parser.parse_args_and_config(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    recipe, data_args, model_args, training_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+
+    # 1. Everything that can fail, before any weights are loaded.
+    model_source = check_model_exists(
+        model_args.model_name_or_path,
+        gguf_file=recipe.gguf_file,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    dataset, report = build_agrimachine_dataset(data_args)
+    logger.info("data: %s", report.summary())
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path,
+        gguf_file=recipe.gguf_file,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    template = apply_training_chat_template(tokenizer, recipe.chat_template)
+    base_model_id = recipe.base_model_id or model_source.name
+
+    # 2. The model; TRL adds the LoRA adapter from peft_config.
+    quantization = get_quantization_config(model_args)
+    model = load_causal_lm(
+        model_args.model_name_or_path,
+        gguf_file=recipe.gguf_file,
+        revision=model_args.model_revision,
+        dtype=model_args.dtype or torch_dtype_for(training_args.bf16, training_args.fp16),
+        trust_remote_code=training_args.trust_remote_code,
+        quantization_config=quantization,
+        device_map=kbit_device_map() if quantization is not None else None,
+        attn_implementation=model_args.attn_implementation,
+    )
+    model.config._name_or_path = model.name_or_path = base_model_id  # what adapter_config.json records
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer, template))}
+    model.generation_config.eos_token_id = sorted(i for i in stop_ids if i is not None)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    # The recipe pushes the finished output folder once, never the per-stage checkpoints.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    trainer = StagedSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset["train"].select_columns(["messages"]),
+        eval_dataset=dataset["validation"].select_columns(["messages"]) if "validation" in dataset else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    logger.info("stage plan: %s", [(s.name, s.num_params) for s in trainer.stage_plan.stages])
+
+    # 3. Train every stage.
+    resume = training_args.resume_from_checkpoint
+    resume = True if str(resume).lower() in ("true", "last") else resume
+    train_result = trainer.train(resume_from_checkpoint=resume)
+
+    # 4. Save, evaluate, describe, push.
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))  # on every rank: ZeRO-3 gathers the adapter here
+    metrics = {}
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+        write_model_card(
+            output_dir,
+            model_name=training_args.hub_model_id or output_dir.name,
+            base_model=base_model_id,
+            dt_report=trainer.stage_callback.report(complete=True),
+            hyperparameters=_hyperparameters(training_args, model_args, template),
+            datasets=[data_args.resolved_source()] if _is_hub_dataset(data_args) else [],
+            dataset_description=f"Training data: {report.summary()}",
+            eval_results={k: metrics[k] for k in ("eval_loss", "perplexity") if k in metrics},
+            eval_dataset_name="validation split",
+            license=recipe.license,
+            tags=["lora", "agriculture", "agricultural-mechanization"],
+        )
+        if push_to_hub:
+            repo_id = training_args.hub_model_id or output_dir.name
+            url = push_output_dir(
+                output_dir, repo_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token
+            )
+            logger.info("pushed to %s", url)
+    trainer.accelerator.wait_for_everyone()
+    return {"output_dir": str(output_dir), "train": train_result.metrics, "eval": metrics, "trainer": trainer}
+
+
+def _is_hub_dataset(data_args: AgriMachineDataArguments) -> bool:
+    source = data_args.resolved_source()
+    return looks_like_hub_id(source) and not Path(source).exists()
+
+
+def _hyperparameters(args: StagedSFTConfig, model_args: ModelConfig, template: str) -> dict[str, Any]:
+    return {
+        "dt_variant": args.dt_variant,
+        "dt_budget": args.dt_budget,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": str(args.lr_scheduler_type),
+        "warmup_steps": args.warmup_steps,
+        "num_train_epochs (per stage)" if args.dt_budget == "per_stage" else "num_train_epochs": args.num_train_epochs,
+        "max_steps": args.max_steps,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "world_size": args.world_size,
+        "max_length": args.max_length,
+        "lora_r": model_args.lora_r,
+        "lora_alpha": model_args.lora_alpha,
+        "lora_dropout": model_args.lora_dropout,
+        "lora_target_modules": model_args.lora_target_modules,
+        "load_in_4bit": model_args.load_in_4bit,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "chat_template": template,
+        "assistant_only_loss": args.assistant_only_loss,
+        "seed": args.seed,
+    }
+
+
+if __name__ == "__main__":
+    main()
