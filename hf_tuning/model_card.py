@@ -25,8 +25,10 @@ __all__ = ["render_model_card", "write_model_card", "update_eval_results", "CARD
 CARD_FILE = "README.md"
 _RESULTS = re.compile(r"<!-- hf_tuning:results -->.*?<!-- /hf_tuning:results -->", re.S)
 _METRIC_NAMES = {
-    "eval_loss": ("loss", "held-out loss"),
-    "perplexity": ("perplexity", "held-out perplexity"),
+    "eval_loss": ("loss", "validation loss"),
+    "perplexity": ("perplexity", "validation perplexity"),
+    "test_loss": ("loss", "held-out test loss"),
+    "test_perplexity": ("perplexity", "held-out test perplexity"),
     "rouge1": ("rouge", "ROUGE-1"),
     "rouge2": ("rouge", "ROUGE-2"),
     "rougeL": ("rouge", "ROUGE-L"),
@@ -44,7 +46,7 @@ def render_model_card(
     datasets: Sequence[str] = (),
     dataset_description: str = "",
     eval_results: Mapping[str, float] | None = None,
-    eval_dataset_name: str = "held-out split",
+    eval_dataset_name: str = "held-out data",
     library_name: str = "peft",
     license: str | None = None,
     tags: Sequence[str] = (),
@@ -117,7 +119,7 @@ def write_model_card(output_dir: str | os.PathLike, **kwargs: Any) -> Path:
 
 
 def update_eval_results(
-    card_path: str | os.PathLike, results: Mapping[str, float], dataset_name: str = "held-out split"
+    card_path: str | os.PathLike, results: Mapping[str, float], dataset_name: str = "held-out data"
 ) -> Path:
     """Merge ``results`` into an existing card's ``model-index`` and results section."""
     path = Path(card_path)
@@ -152,7 +154,7 @@ def _eval_results(results: Mapping[str, float], dataset_name: str) -> list[EvalR
 
 def _results_section(results: Mapping[str, float] | None, dataset_name: str) -> str:
     if not results:
-        rows = "No evaluation has been run yet (`python eval/evaluate_sft.py --adapter <this folder>`)."
+        rows = "No evaluation has been run yet (`python eval/evaluate_sft.py --base_model ... --adapter <this folder>`)."
     else:
         rows = "\n".join(
             ["| metric | value |", "|---|---|"]

@@ -207,7 +207,8 @@ class StagedTrainerMixin:
 
     def _leave_stage(self, stage: Stage, output: TrainOutput) -> None:
         record = self.stage_callback.records[-1]
-        record["train_loss_mean"] = output.training_loss
+        if self.state.global_step > self._initial_global_step:  # else: resumed at its end, nothing trained now
+            record["train_loss_mean"] = output.training_loss
         self.log(
             {
                 "dt/stage_end": stage.index,
@@ -230,6 +231,14 @@ class StagedTrainerMixin:
         for name, param in self.model.named_parameters():
             if name in self._candidates:
                 param.requires_grad_(True)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # Resumed from the last checkpoint of a stage: transformers would take one more step past
+        # max_steps (with a constant LR that changes the weights); the stage is already complete.
+        if self._active_stage is not None and 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         # Loading a PEFT checkpoint (resume, best model) may flip requires_grad on adapters;
@@ -338,7 +347,8 @@ class StagedTrainerMixin:
     def _combined_output(self, outputs: list[TrainOutput]) -> TrainOutput:
         records = self.stage_callback.records
         total_steps = records[-1]["end_step"] if records else 0
-        weighted = [(o.training_loss, o.global_step) for o in outputs if o.training_loss is not None]
+        weighted = [(r.get("train_loss_mean"), r["steps"]) for r in records]
+        weighted = [(loss, steps) for loss, steps in weighted if loss is not None]
         steps = sum(s for _, s in weighted)
         loss = sum(value * n for value, n in weighted) / steps if steps else 0.0
         metrics: dict[str, Any] = dict(outputs[-1].metrics) if outputs else {}

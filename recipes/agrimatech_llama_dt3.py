@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             datasets=[data_args.resolved_source()] if _is_hub_dataset(data_args) else [],
             dataset_description=f"Training data: {report.summary()}",
             eval_results={k: metrics[k] for k in ("eval_loss", "perplexity") if k in metrics},
-            eval_dataset_name="validation split",
+            eval_dataset_name="AgriMachine held-out data",
             license=recipe.license,
             tags=["lora", "agriculture", "agricultural-mechanization"],
         )
@@ -162,7 +162,7 @@ def _hyperparameters(args: StagedSFTConfig, model_args: ModelConfig, template: s
         "dt_variant": args.dt_variant,
         "dt_budget": args.dt_budget,
         "learning_rate": args.learning_rate,
-        "lr_scheduler_type": str(args.lr_scheduler_type),
+        "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
         "warmup_steps": args.warmup_steps,
         "num_train_epochs (per stage)" if args.dt_budget == "per_stage" else "num_train_epochs": args.num_train_epochs,
         "max_steps": args.max_steps,
