@@ -534,8 +534,8 @@ def print_summary(results: dict[str, Any], show: int, json_path: Path, md_path: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from hf_tuning.model_card import CARD_FILE
     from hf_tuning.chat_templates import apply_training_chat_template, end_of_turn_token
+    from hf_tuning.model_card import CARD_FILE
     from hf_tuning.models import load_causal_lm, load_tokenizer
 
     adapter = args.adapter
