@@ -75,6 +75,7 @@ LLAMA_1B = {
 MIB = 1024**2
 # a step during which other processes used at least this many cores counts as contended (as in bench_engine)
 CONTENDED_CORES = 0.1
+SMOKE_NOTE = " (smoke run: too few steps for meaningful numbers)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> SftBenchSettings:
     p.add_argument("--model", choices=MODELS, default=d.model, help="smollm2 (default) or llama-1b-random (GPU)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per run (default %(default)s)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="first steps left out of the timing")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 8; 2 with --smoke)")
     p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--repeats", type=int, default=d.repeats, help="runs per configuration, palindromic order")
     p.add_argument("--configs", default=",".join(ALL_CONFIGS), help="comma-separated subset of %(default)s")
@@ -116,7 +117,11 @@ def parse_args(argv: list[str] | None = None) -> SftBenchSettings:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (default: usable cores)")
     p.add_argument("--output", default="", help="JSON path (default benchmarks/results/bench_sft_<device>.json)")
-    p.add_argument("--smoke", action="store_true", help="3 steps, 1 warm-up step, 1 repeat, batch 2: a quick check")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="3 steps, 1 warm-up step, 1 repeat, batch 2 (unless --batch-size): a quick check",
+    )
     p.add_argument("--allow-slow", action="store_true", help="run llama-1b-random on a CPU anyway")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
@@ -128,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> SftBenchSettings:
         model=ns.model,
         steps=ns.steps,
         warmup_steps=ns.warmup_steps,
-        batch_size=ns.batch_size,
+        batch_size=ns.batch_size or (2 if ns.smoke else d.batch_size),
         max_length=ns.max_length,
         repeats=ns.repeats,
         configs=tuple(c for c in ALL_CONFIGS if c in configs),
@@ -139,8 +144,8 @@ def parse_args(argv: list[str] | None = None) -> SftBenchSettings:
         smoke=ns.smoke,
         allow_slow=ns.allow_slow,
     )
-    if s.smoke:  # batch 2 as well: a SmolLM2 step at batch 8 takes 10-35 s on 2 shared CPU cores
-        s.steps, s.repeats, s.warmup_steps, s.batch_size = 3, 1, 1, 2
+    if s.smoke:  # and batch 2 unless given: a SmolLM2 step at batch 8 takes 10-35 s on 2 shared CPU cores
+        s.steps, s.repeats, s.warmup_steps = 3, 1, 1
     if s.steps <= s.warmup_steps:
         p.error("--steps must exceed --warmup-steps, or no step would be timed")
     if s.repeats < 1:
@@ -700,7 +705,8 @@ def runs_table(runs: list[dict[str, Any]]) -> list[str]:
             f"| {r['label']} | {r['rep']} | {_num(r.get('start_s'), 0)} | {r['stages']} | {r['timed_steps']} "
             f"| {r['tokens_per_s']:.1f} | {r['uncontended_steps']} | {_num(r['uncontended_tokens_per_s'], 1)} "
             f"| {r['e2e_tokens_per_s']:.1f} | {_num(r['tokens_per_step'], 0)} "
-            f"| {_num(r['padding_share'])} | {_num(r['mean_step_s'])} | {r['non_step_s']:.1f} | {_mib(m['peak_bytes'])} "
+            f"| {_num(r['padding_share'])} | {_num(r['mean_step_s'])} | {r['non_step_s']:.1f} "
+            f"| {_mib(m['peak_bytes'])} "
             f"| {_mib(m['peak_delta_bytes'])}{' (load peak)' if m.get('peak_is_load_peak') else ''} "
             f"| {_num(r['final_loss'], 4)} | {_num(r.get('foreign_cpu_cores'), 2)} |"
         )
@@ -715,10 +721,12 @@ def limitation_lines(report: dict[str, Any]) -> list[str]:
         lines += [f"- `{r['label']}` rep {r['rep']} failed: `{r['error']}`"]
     packed = [r for r in report["runs"] if "error" not in r and r["label"].endswith("-packing")]
     if packed:
-        r = packed[0]
+        r, batch = packed[0], report["settings"]["batch_size"]
+        per_row = statistics.fmean(st.get("sequences", 0) for st in r["step_records"]) / batch
         lines.append(
             f"- `packing=True` (bfd) ran with padding-free batches (`padding_free={r['padding_free']}`): each step is "
-            f"one flattened sequence of ~{_num(r['tokens_per_step'], 0)} tokens with `position_ids` and no attention "
+            f"one flattened sequence of ~{_num(r['tokens_per_step'], 0)} tokens ({batch} packed rows of up to "
+            f"max_length tokens, {per_row:.2f} conversations per row on average) with `position_ids` and no attention "
             "mask. Without flash-attention, transformers builds a block-diagonal causal mask from the `position_ids` "
             "and sdpa/eager attend densely over the whole flattened batch (quadratic in its length), so padding-free "
             "saves the padded positions' linear-layer work but not attention work."
@@ -746,7 +754,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Machine: {m['cpu']}, {m['cores_usable']} usable cores ({m['torch_threads']} torch threads), {m['ram_gib']} GiB "
+        f"Machine: {m['cpu']}, {m['cores_usable']} usable cores ({m['torch_threads']} torch threads), "
+        f"{m['ram_gib']} GiB "
         f"RAM{gpu}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}, "
         f"peft {m['peft']}, datasets {m['datasets']}; {m['date']}.",
         "",
@@ -755,11 +764,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"batch {s['batch_size']}. LoRA r={s['lora_rank']}, all-linear, dropout 0. {s['steps']} optimizer steps per "
         f"run (dt3 splits them across its 2 stages), the first {s['warmup_steps']} left out of the timing; seed "
         f"{s['seed']}, lr {s['learning_rate']}, cosine. Each run in a fresh process; order: {order}. Total wall "
-        f"time {report['total_wall_s']:.0f} s{' (smoke run: too few steps for meaningful numbers)' if s['smoke'] else ''}.",
+        f"time {report['total_wall_s']:.0f} s{SMOKE_NOTE if s['smoke'] else ''}.",
         "",
         "Tokens/s = non-padding tokens of the timed steps / their step time; end-to-end = all tokens / whole "
         "`train()` call (stage switches included). Ratios are against plain of the same layout: ratio of means, "
-        "and *paired* = repetition i / plain's repetition i. Spread = (max - min) / mean over repetitions. "
+        "and *paired* = repetition i / plain's repetition i. Spread = (max - min) / mean over repetitions. dt3's "
+        "second stage reshuffles the data (`data_seed + 1`), so from there on its batches are not plain's; tokens/s "
+        "normalises for their sizes. "
         f"Peak = {'`torch.cuda.max_memory_allocated`' if s['device'] == 'cuda' else 'process peak RSS (ru_maxrss)'}; "
         "Δ peak = peak minus the level right after the model was loaded. *Other procs* = cores other processes "
         "used during `train()`; *uncontended* = only the timed steps during which they used under "

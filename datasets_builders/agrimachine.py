@@ -1,4 +1,4 @@
-"""AgriMachine28K-style instruction data for the AgriMaTech recipe (issue 3).
+"""AgriMachine28K-style instruction data for the AgriMaTech recipe.
 
 Builds ``train``/``validation``/``test`` chat data from the bundled sample, a local file or a Hub dataset
 with :func:`datasets_builders.instruction_formats.build_instruction_dataset`, saves it atomically and can

@@ -7,6 +7,9 @@ Where things live:
   :mod:`hf_tuning.families`)
 * stage plans built from both: :mod:`hf_tuning.stages`
 * the trainers: :mod:`hf_tuning.trainer` (transformers) and :mod:`hf_tuning.sft` (TRL)
+* for SFT recipes: training chat templates (:mod:`hf_tuning.chat_templates`), model loading from
+  the Hub, a folder or GGUF (:mod:`hf_tuning.models`), model cards (:mod:`hf_tuning.model_card`)
+  and Hub upload of a finished run (:mod:`hf_tuning.hub`)
 """
 
 from __future__ import annotations
@@ -36,10 +39,19 @@ _EXPORTS = {
     "StagedSFTConfig": "hf_tuning.sft",
     "StagedSFTTrainer": "hf_tuning.sft",
     "DeepSpeedConfigError": "hf_tuning.deepspeed_checks",
+    "ChatTemplateError": "hf_tuning.chat_templates",
+    "apply_training_chat_template": "hf_tuning.chat_templates",
+    "ModelNotFoundError": "hf_tuning.models",
+    "load_causal_lm": "hf_tuning.models",
+    "load_tokenizer": "hf_tuning.models",
+    "push_output_dir": "hf_tuning.hub",
+    "write_model_card": "hf_tuning.model_card",
 }
 
 __all__ = [
     "BlockFamily",
+    "ChatTemplateError",
+    "ModelNotFoundError",
     "BlocksNotFoundError",
     "DeepSpeedConfigError",
     "PartitionError",
@@ -54,17 +66,26 @@ __all__ = [
     "SubspacePartition",
     "TuningVariant",
     "VARIANTS",
+    "apply_training_chat_template",
     "build_stage_plan",
     "find_block_stack",
+    "load_causal_lm",
+    "load_tokenizer",
     "partition_subspaces",
+    "push_output_dir",
     "register_block_family",
+    "write_model_card",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from hf_tuning.arguments import StagedTrainingArguments
     from hf_tuning.callback import StagedTuningCallback
+    from hf_tuning.chat_templates import ChatTemplateError, apply_training_chat_template
     from hf_tuning.deepspeed_checks import DeepSpeedConfigError
     from hf_tuning.families import BlockFamily, BlocksNotFoundError, find_block_stack, register_block_family
+    from hf_tuning.hub import push_output_dir
+    from hf_tuning.model_card import write_model_card
+    from hf_tuning.models import ModelNotFoundError, load_causal_lm, load_tokenizer
     from hf_tuning.partition import PartitionError, SubspaceGroup, SubspacePartition, partition_subspaces
     from hf_tuning.sft import StagedSFTConfig, StagedSFTTrainer
     from hf_tuning.stages import Stage, StagePlan, build_stage_plan
