@@ -27,7 +27,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # datasets_builders, when run from a checkout
 
-from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrimachine_dataset  # noqa: E402
+from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrimachine_dataset, push_dataset  # noqa: E402
 from datasets_builders.instruction_formats import looks_like_hub_id  # noqa: E402
 from hf_tuning import StagedSFTConfig, StagedSFTTrainer  # noqa: E402
 from hf_tuning.chat_templates import apply_training_chat_template, end_of_turn_token  # noqa: E402
@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     dataset, report = build_agrimachine_dataset(data_args)
     logger.info("data: %s", report.summary())
+    if data_args.push_dataset_to_hub and training_args.process_index == 0:
+        push_dataset(
+            dataset,
+            data_args.push_dataset_to_hub,
+            private=bool(training_args.hub_private_repo),
+            token=training_args.hub_token,
+        )
     tokenizer = load_tokenizer(
         model_args.model_name_or_path,
         gguf_file=recipe.gguf_file,
