@@ -154,7 +154,9 @@ def _eval_results(results: Mapping[str, float], dataset_name: str) -> list[EvalR
 
 def _results_section(results: Mapping[str, float] | None, dataset_name: str) -> str:
     if not results:
-        rows = "No evaluation has been run yet (`python eval/evaluate_sft.py --base_model ... --adapter <this folder>`)."
+        rows = (
+            "No evaluation has been run yet (`python eval/evaluate_sft.py --base_model ... --adapter <this folder>`)."
+        )
     else:
         rows = "\n".join(
             ["| metric | value |", "|---|---|"]
