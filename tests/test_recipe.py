@@ -213,13 +213,18 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_model_dir, d
     assert sorted(p.name for p in (broken / "stage-0").iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
 
 
-def test_qlora_4bit(tmp_path, tiny_model_dir):
+def test_qlora_4bit_with_gradient_checkpointing(tmp_path, tiny_model_dir):
     pytest.importorskip("bitsandbytes")
     data = write_rows(tmp_path / "agri.jsonl", agri_rows())
     out = tmp_path / "qlora"
-    result = recipe.main(recipe_args(tiny_model_dir, data, out, "--load_in_4bit", "true", "--max_steps", "1"))
+    result = recipe.main(
+        recipe_args(
+            tiny_model_dir, data, out, "--load_in_4bit", "true", "--max_steps", "1", "--gradient_checkpointing", "true"
+        )
+    )
     base = result["trainer"].model.get_base_model()
     assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
+    assert base.is_activation_checkpointing  # QLoRA with gradient checkpointing, as on a real GPU run
     weights = load_file(out / "adapter_model.safetensors")
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
 
