@@ -374,17 +374,21 @@ def _message(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-def _required_text(row: Mapping[str, Any], name: str, problems: _Problems) -> str | None:
-    value = row.get(name)
+def _text_value(value: Any, where: str, problems: _Problems, empty_detail: str) -> str | None:
+    """``value`` if it is a non-blank string; otherwise record why not at ``where`` and return None."""
     if value is None:
-        problems.add(name, "missing field", "missing required field")
+        problems.add(where, "missing field", "missing required field")
     elif not isinstance(value, str):
-        problems.add(name, "wrong type", f"expected a string, got {_type_name(value)}")
+        problems.add(where, "wrong type", f"expected a string, got {_type_name(value)}")
     elif not value.strip():
-        problems.add(name, "empty", "empty or whitespace-only")
+        problems.add(where, "empty", empty_detail)
     else:
         return value
     return None
+
+
+def _required_text(row: Mapping[str, Any], name: str, problems: _Problems) -> str | None:
+    return _text_value(row.get(name), name, problems, "empty or whitespace-only")
 
 
 def _optional_text(row: Mapping[str, Any], name: str, problems: _Problems) -> str:
@@ -501,15 +505,7 @@ def _check_role(role: Any, where: str, spec: _ConversationSpec, problems: _Probl
 
 
 def _check_content(content: Any, where: str, problems: _Problems) -> bool:
-    if content is None:
-        problems.add(where, "missing field", "missing required field")
-    elif not isinstance(content, str):
-        problems.add(where, "wrong type", f"expected a string, got {_type_name(content)}")
-    elif not content.strip():
-        problems.add(where, "empty", "empty content")
-    else:
-        return True
-    return False
+    return _text_value(content, where, problems, "empty content") is not None
 
 
 def _check_conversation_shape(messages: list[dict[str, str]], spec: _ConversationSpec, problems: _Problems) -> None:

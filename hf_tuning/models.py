@@ -93,7 +93,7 @@ def load_tokenizer(
     trust_remote_code: bool = False,
 ) -> PreTrainedTokenizerBase:
     source = resolve_model_source(name_or_path, gguf_file)
-    folder = _materialize(source, revision, trust_remote_code) if source.gguf_file else source.path
+    folder = _loadable_folder(source)
     return _wrap_not_found(
         source, lambda: AutoTokenizer.from_pretrained(folder, revision=revision, trust_remote_code=trust_remote_code)
     )
@@ -112,7 +112,7 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` with GGUF caching and clear not-found errors."""
     source = resolve_model_source(name_or_path, gguf_file)
-    folder = _materialize(source, revision, trust_remote_code) if source.gguf_file else source.path
+    folder = _loadable_folder(source)
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": _dtype(dtype)}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -181,11 +181,18 @@ def gguf_cache_dir() -> Path:
     return Path(root) / "gguf"
 
 
-def _materialize(source: ModelSource, revision: str | None, trust_remote_code: bool) -> str:
-    """Convert a GGUF file into a cached safetensors folder once; return that folder."""
-    gguf_path = Path(source.path) / source.gguf_file
+def _loadable_folder(source: ModelSource) -> str:
+    """What ``from_pretrained`` reads: the source itself, or the cached conversion of its GGUF file."""
+    if not source.gguf_file:
+        return source.path
     if source.kind == "hub":
         raise ModelNotFoundError("GGUF files are loaded from a local path or package:// only, not from a Hub id")
+    return _materialize(source)
+
+
+def _materialize(source: ModelSource) -> str:
+    """Convert a GGUF file into a cached safetensors folder once; return that folder."""
+    gguf_path = Path(source.path) / source.gguf_file
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = gguf_cache_dir() / f"{gguf_path.stem}-{key}"

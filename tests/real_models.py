@@ -26,9 +26,3 @@ def _smollm2_tokenizer():
 def smollm2_tokenizer():
     """A fresh copy each call: tests set chat templates and pad tokens on it."""
     return copy.deepcopy(_smollm2_tokenizer())
-
-
-def smollm2_model(dtype: str = "float32"):
-    from hf_tuning.models import load_causal_lm
-
-    return load_causal_lm(SMOLLM2, dtype=dtype)
