@@ -39,6 +39,12 @@ class BlockFamily:
         block_class: regex searched in the class name of each element of the stack.
         stage_blocks: for hierarchical models, the attribute path of the block stack inside each
             stage (``blocks``); ``None`` for isotropic models.
+        downsample_with_previous_stage: hierarchical models whose stage-level layers (patch
+            merging, downsampling) sit at the *start* of the next stage (timm Swin and ConvNeXt,
+            transformers ConvNeXt). The paper groups such a layer with the stage it follows, so
+            under ``adjacent`` it joins the previous stage's group.
+        stem_in_every_stage: the input-side parameters (stem) are trained in every stage, as the
+            paper does for ConvNeXt; otherwise they belong to the first ``adjacent`` group.
         description: models known to use this layout.
     """
 
@@ -46,6 +52,8 @@ class BlockFamily:
     container: str
     block_class: str = ".*"
     stage_blocks: str | None = None
+    downsample_with_previous_stage: bool = False
+    stem_in_every_stage: bool = False
     description: str = ""
 
     def matches_path(self, path: str) -> bool:
@@ -118,6 +126,67 @@ register_block_family(
         container=r"h",
         block_class=r"Block$",
         description="GPT-2, GPT-J, GPT-Neo and other `transformer.h.N` decoders",
+    )
+)
+
+
+# Vision families. The hierarchical ones come before ``timm_vit``: a Swin stage also holds a
+# ``blocks`` stack, and the first family that matches wins.
+register_block_family(
+    BlockFamily(
+        name="timm_swin",
+        container="layers",
+        block_class=r"SwinTransformer(V2)?Stage$",
+        stage_blocks="blocks",
+        downsample_with_previous_stage=True,
+        description="timm Swin / SwinV2: `layers.S.blocks.B`; `layers.S.downsample` opens stage S",
+    )
+)
+register_block_family(
+    BlockFamily(
+        name="timm_convnext",
+        container="stages",
+        block_class=r"ConvNeXtStage$",
+        stage_blocks="blocks",
+        downsample_with_previous_stage=True,
+        stem_in_every_stage=True,
+        description="timm ConvNeXt: `stages.S.blocks.B`; the stem is trained in every stage (the paper)",
+    )
+)
+register_block_family(
+    BlockFamily(
+        name="hf_swin",
+        container=r"encoder\.layers",
+        block_class=r"Swin(v2)?Stage$",
+        stage_blocks="blocks",
+        description="transformers Swin / Swinv2: `encoder.layers.S.blocks.B`; the downsample closes stage S",
+    )
+)
+register_block_family(
+    BlockFamily(
+        name="hf_convnext",
+        container=r"encoder\.stages",
+        block_class=r"ConvNext(V2)?Stage$",
+        stage_blocks="layers",
+        downsample_with_previous_stage=True,
+        stem_in_every_stage=True,
+        description="transformers ConvNeXt / ConvNeXtV2: `encoder.stages.S.layers.B`",
+    )
+)
+register_block_family(
+    BlockFamily(
+        name="hf_vit",
+        container="layers",
+        block_class=r"(?<!Decoder)Layer$",
+        description="transformers ViT, DeiT, DINOv2 and other `vit.layers.N` encoders",
+    )
+)
+register_block_family(
+    BlockFamily(
+        name="timm_vit",
+        container="blocks",
+        block_class=r"Block$",
+        description="timm ViT, DeiT, EVA and other isotropic `blocks.N` models",
     )
 )
 

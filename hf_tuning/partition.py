@@ -3,7 +3,8 @@
 Membership rules (Diffusion Tuning, section 2 of our notes):
 
 * ``adjacent``: N contiguous depth groups of near-equal size (one group per stage for
-  hierarchical models). Input-side parameters (embeddings, stem) belong to the first group.
+  hierarchical models). Input-side parameters (embeddings, stem) belong to the first group
+  (ConvNeXt: to every stage); a downsampling layer belongs to the stage it follows.
 * ``cross``: N interleaved groups by block index (index counted inside each stage for
   hierarchical models); N=2 gives even and odd blocks. Input-side parameters and stage-level
   parameters (downsampling) are trainable in every stage.
@@ -250,10 +251,11 @@ def partition_subspaces(
             always.append(name)
         elif isinstance(where, tuple):
             members[group_of[where]].append(name)
-        elif input_side and scheme == "adjacent":
+        elif input_side and scheme == "adjacent" and not stack.family.stem_in_every_stage:
             members[0].append(name)  # embeddings / stem: with the first group
         elif isinstance(where, int) and scheme == "adjacent":
-            members[where].append(name)  # stage-level layers (downsampling): with their stage
+            # stage-level layers (downsampling): with the stage they follow
+            members[max(where - 1, 0) if stack.family.downsample_with_previous_stage else where].append(name)
         elif input_side or isinstance(where, int):
             always.append(name)  # under cross: in every stage
         else:

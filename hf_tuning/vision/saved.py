@@ -1,0 +1,87 @@
+"""Save and reload a trained image classifier, whatever its library and tuning mode.
+
+A run folder holds the weights the Trainer saved (a PEFT adapter for LoRA, the full state dict
+otherwise) plus ``vision_config.json``: how to rebuild the backbone, the tuning mode, the
+preprocessing and the class names. :func:`load_trained_classifier` needs nothing else, except
+the base weights for a LoRA run (the adapter holds only LoRA matrices and the head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from hf_tuning.io import atomic_write_json, read_json
+from hf_tuning.vision.models import VisionModelArguments, load_state_dict_file, load_vision_model, model_library
+from hf_tuning.vision.tuning import VisionTuningArguments, prepare_for_tuning
+
+__all__ = ["VISION_CONFIG_FILE", "TrainedClassifier", "write_vision_config", "load_trained_classifier"]
+
+VISION_CONFIG_FILE = "vision_config.json"
+
+
+@dataclass
+class TrainedClassifier:
+    model: nn.Module
+    data_config: dict[str, Any]
+    class_names: list[str]
+    tuning_mode: str
+
+
+def write_vision_config(
+    output_dir: str | Path,
+    model_args: VisionModelArguments,
+    tuning_args: VisionTuningArguments,
+    data_config: dict[str, Any],
+    class_names: list[str],
+    library: str,
+) -> None:
+    atomic_write_json(
+        Path(output_dir) / VISION_CONFIG_FILE,
+        {
+            "library": library,
+            "model": dataclasses.asdict(model_args),
+            "tuning": dataclasses.asdict(tuning_args),
+            "data_config": data_config,
+            "class_names": list(class_names),
+        },
+    )
+
+
+def load_trained_classifier(output_dir: str | Path, device: str = "cpu") -> TrainedClassifier:
+    """Rebuild the classifier a vision recipe wrote to ``output_dir``, in eval mode."""
+    folder = Path(output_dir)
+    config_file = folder / VISION_CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: {folder} is not the output of a vision recipe")
+    saved = read_json(config_file)
+    model_args = VisionModelArguments(**{**saved["model"], "library": saved["library"]})
+    tuning_args = VisionTuningArguments(**saved["tuning"])
+    classes = saved["class_names"]
+    if tuning_args.tuning_mode == "lora":
+        from peft import PeftModel
+
+        base = load_vision_model(model_args, len(classes))
+        model = PeftModel.from_pretrained(base, str(folder))
+    else:
+        if saved["library"] == "transformers" and tuning_args.tuning_mode == "full":
+            from transformers import AutoModelForImageClassification
+
+            model = AutoModelForImageClassification.from_pretrained(str(folder))
+        else:
+            skeleton = dataclasses.replace(model_args, pretrained=False, checkpoint=None, head_class_map=None)
+            model = prepare_for_tuning(load_vision_model(skeleton, len(classes)), tuning_args)
+            weights = folder / "model.safetensors"
+            result = model.load_state_dict(load_state_dict_file(weights), strict=False)
+            missing = [k for k in result.missing_keys if not k.endswith("relative_position_index")]
+            if missing or result.unexpected_keys:
+                raise ValueError(
+                    f"{weights} does not match the model in {config_file}: missing {missing[:6]}, "
+                    f"unexpected {result.unexpected_keys[:6]}"
+                )
+    assert model_library(model) == saved["library"], "library mismatch"
+    return TrainedClassifier(model.to(device).eval(), saved["data_config"], classes, tuning_args.tuning_mode)

@@ -1,0 +1,83 @@
+"""Staged tuning for image classification on ``transformers.Trainer``.
+
+A thin subclass of :class:`~hf_tuning.StagedTrainer`: it calls the backbone on ``pixel_values``
+(timm models take a tensor and return logits, transformers models return an output object),
+takes soft targets from mixup/cutmix, and keeps augmentation that mixes samples out of
+evaluation by using ``eval_data_collator`` for every non-training dataloader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import EvalPrediction
+
+from hf_tuning.trainer import StagedTrainer
+
+__all__ = ["StagedImageClassificationTrainer", "accuracy_metrics", "logits_of"]
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """Logits from a timm tensor, a transformers output object, or a tuple."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if hasattr(outputs, "logits"):
+        return outputs.logits
+    return outputs[0]
+
+
+def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) for ``Trainer(compute_metrics=...)``."""
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    labels = np.asarray(prediction.label_ids)
+    k = min(5, logits.shape[-1])
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    return {
+        "top1": float((top[:, 0] == labels).mean() * 100),
+        "top5": float((top == labels[:, None]).any(axis=1).mean() * 100),
+    }
+
+
+class StagedImageClassificationTrainer(StagedTrainer):
+    """``StagedTrainer`` for image classifiers (timm or transformers, full, LoRA or adapter).
+
+    Args:
+        eval_data_collator: collator for evaluation and prediction (default: the training one).
+            Pass one without mixup when the training collator mixes samples.
+        All other arguments are those of :class:`~hf_tuning.StagedTrainer`.
+    """
+
+    def __init__(self, *args: Any, eval_data_collator: Callable | None = None, **kwargs: Any) -> None:
+        training_args = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        if training_args is not None:
+            # the batches are dicts the model does not take by keyword (timm's forward(x)); keep them whole
+            training_args.remove_unused_columns = False
+            if training_args.label_names is None:
+                training_args.label_names = ["labels"]
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+        self.model_accepts_loss_kwargs = False  # loss is a batch mean; the Trainer scales it for accumulation
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        labels = inputs["labels"]
+        logits = logits_of(model(inputs["pixel_values"]))
+        if labels.dtype.is_floating_point:  # soft targets from mixup / cutmix
+            loss = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
+        return (loss, {"loss": loss, "logits": logits}) if return_outputs else loss
+
+    def _get_dataloader(self, dataset: Any, description: str, batch_size: int, *args: Any, **kwargs: Any):
+        if kwargs.get("is_training") or self.eval_data_collator is None:
+            return super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
+        finally:
+            self.data_collator = train_collator

@@ -1,0 +1,131 @@
+"""Tuning modes of a vision backbone: full fine-tuning, LoRA (through PEFT) or the paper's adapter.
+
+In every mode the classifier head and the final norm (the parameters after the last block) are
+trainable, and the staged engine keeps them trainable in every stage. In the PEFT modes the
+backbone is frozen, so only the adapters are split into subspaces.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from hf_tuning.families import find_block_stack
+from hf_tuning.vision.adapters import add_bottleneck_adapters
+
+__all__ = [
+    "TUNING_MODES",
+    "VisionTuningArguments",
+    "prepare_for_tuning",
+    "output_side_modules",
+    "block_linear_names",
+]
+
+logger = logging.getLogger(__name__)
+TUNING_MODES = ("full", "lora", "adapter")
+
+
+@dataclass
+class VisionTuningArguments:
+    """What is trainable: the whole model, LoRA matrices, or bottleneck adapters."""
+
+    tuning_mode: str = field(
+        default="full",
+        metadata={
+            "help": "full (every weight), lora (PEFT LoRA) or adapter (the paper's bottleneck).",
+            "choices": list(TUNING_MODES),
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module name suffixes to adapt. Default: every nn.Linear inside the blocks "
+            "(the attention and MLP projections)."
+        },
+    )
+    adapter_reduction: int = field(default=4, metadata={"help": "Adapter bottleneck = dim / reduction."})
+    adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout after the adapter."})
+
+    def __post_init__(self) -> None:
+        if self.tuning_mode not in TUNING_MODES:
+            raise ValueError(f"tuning_mode={self.tuning_mode!r} is not one of {', '.join(TUNING_MODES)}")
+        if self.lora_r < 1 or self.adapter_reduction < 1:
+            raise ValueError("lora_r and adapter_reduction must be >= 1")
+
+
+def _is_projection(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True  # 1x1 convolutions are the MLP of conv-MLP ConvNeXts
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Full names of the projections inside the blocks: ``nn.Linear`` and 1x1 ``nn.Conv2d``
+    (attention and MLP; downsampling layers sit outside the blocks and are not included)."""
+    prefixes = tuple(prefix for prefix, _, _ in find_block_stack(model).blocks)
+    return [name for name, m in model.named_modules() if _is_projection(m) and name.startswith(prefixes)]
+
+
+def output_side_modules(model: nn.Module) -> list[str]:
+    """The smallest modules holding the parameters registered after the last block (final norm, head)."""
+    stack = find_block_stack(model)
+    names = [name for name, _ in model.named_parameters()]
+    block_prefixes = tuple(prefix for prefix, _, _ in stack.blocks)
+    last = max(i for i, name in enumerate(names) if name.startswith(block_prefixes))
+    tail = {name for name in names[last + 1 :] if not name.startswith(block_prefixes)}
+    modules = []
+    for module_name, module in model.named_modules():
+        own = {f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False)}
+        if own and own <= tail:
+            modules.append(module_name)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no parameters after its last block (no classifier head?)")
+    return modules
+
+
+def _freeze_all_but(model: nn.Module, keep_prefixes: list[str]) -> None:
+    prefixes = tuple(f"{p}." for p in keep_prefixes)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(prefixes))
+
+
+def _keep_only_intended_wrappers(model: nn.Module, intended: set[str]) -> None:
+    """PEFT matches ``modules_to_save`` by name suffix, so ``norm`` (timm Swin's final norm) also
+    wraps every ``*.downsample.norm``. Put the unintended ones back to the original module so
+    they stay frozen and out of the saved adapter (reloading re-wraps them as exact copies)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    base = model.get_base_model()
+    for name, module in list(base.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper) and name not in intended:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(base.get_submodule(parent_name) if parent_name else base, attr, module.original_module)
+
+
+def prepare_for_tuning(model: nn.Module, args: VisionTuningArguments) -> nn.Module:
+    """Return the model with exactly the mode's parameters trainable (a ``PeftModel`` for LoRA)."""
+    head_modules = output_side_modules(model)
+    if args.tuning_mode == "full":
+        model.requires_grad_(True)
+        return model
+    if args.tuning_mode == "adapter":
+        adapters = add_bottleneck_adapters(model, args.adapter_reduction, args.adapter_dropout)
+        _freeze_all_but(model, adapters + head_modules)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules or block_linear_names(model),
+        modules_to_save=head_modules,
+    )
+    peft_model = get_peft_model(model, config)
+    _keep_only_intended_wrappers(peft_model, set(head_modules))
+    return peft_model

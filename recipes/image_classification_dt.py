@@ -1,0 +1,168 @@
+"""Staged tuning (OST, DT1-DT4) of an image classifier: timm or transformers ViT, Swin, ConvNeXt.
+
+    accelerate launch recipes/image_classification_dt.py --config recipes/configs/swin_base_22kto1k_dt1.yaml
+    accelerate launch recipes/image_classification_dt.py --config recipes/configs/vit_b16_vtab1k_lora_dt3.yaml \\
+        --task cifar --data_dir /data/vtab-1k
+    python recipes/image_classification_dt.py --config recipes/configs/digits_vit_dt3.yaml   # CPU, seconds
+
+Every field of the dataclasses below can be set in the YAML file and overridden on the command
+line (``--dt_variant dt4 --tuning_mode lora``). The steps:
+
+1. read and check the data splits before any weights are loaded;
+2. build the backbone with its starting weights and fit the head to the class count;
+3. make the tuning mode's parameters trainable (everything, LoRA or bottleneck adapters);
+4. train stage by stage, resumable with ``--resume_from_checkpoint``;
+5. save the weights with ``vision_config.json`` (``eval/evaluate_vision.py`` reloads from it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl import TrlParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # datasets_builders, when run from a checkout
+
+from datasets_builders.image_classification import VisionDataArguments, load_image_splits  # noqa: E402
+from datasets_builders.vision import (  # noqa: E402
+    AugmentationArguments,
+    ImageClassificationCollator,
+    ImageClassificationDataset,
+    build_image_transform,
+)
+from hf_tuning import StagedTrainingArguments  # noqa: E402
+from hf_tuning.io import atomic_write_json  # noqa: E402
+from hf_tuning.vision import (  # noqa: E402
+    StagedImageClassificationTrainer,
+    VisionModelArguments,
+    VisionTuningArguments,
+    accuracy_metrics,
+    load_vision_model,
+    prepare_for_tuning,
+    vision_data_config,
+    write_vision_config,
+)
+from hf_tuning.vision.models import model_library  # noqa: E402
+
+logger = logging.getLogger("image_classification_dt")
+
+
+@dataclass
+class BatchArguments:
+    """The paper's batch and learning-rate convention, independent of the number of GPUs."""
+
+    total_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Effective batch (per-device batch x processes x accumulation). Set: gradient_accumulation_steps "
+            "is derived from it, so 1024 holds on 8 GPUs or on 2."
+        },
+    )
+    lr_reference_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Scale learning_rate linearly by effective batch / this (the Swin and ConvNeXt codebases use 512)."
+        },
+    )
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = TrlParser(
+        (
+            BatchArguments,
+            VisionModelArguments,
+            VisionTuningArguments,
+            VisionDataArguments,
+            AugmentationArguments,
+            StagedTrainingArguments,
+        )
+    )
+    return parser.parse_args_and_config(argv)
+
+
+def apply_batch_convention(batch: BatchArguments, args: StagedTrainingArguments) -> dict[str, float]:
+    """Derive gradient accumulation from the effective batch and scale the LR; returns what was set."""
+    per_step = args.per_device_train_batch_size * args.world_size
+    if batch.total_batch_size is not None:
+        if batch.total_batch_size % per_step:
+            raise ValueError(
+                f"total_batch_size={batch.total_batch_size} is not a multiple of per_device_train_batch_size x "
+                f"processes = {args.per_device_train_batch_size} x {args.world_size}"
+            )
+        args.gradient_accumulation_steps = batch.total_batch_size // per_step
+    effective = per_step * args.gradient_accumulation_steps
+    if batch.lr_reference_batch:
+        args.learning_rate = args.learning_rate * effective / batch.lr_reference_batch
+    return {"effective_batch_size": effective, "learning_rate": args.learning_rate}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    batch, model_args, tuning_args, data_args, augmentation, training_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+
+    # 1. Data first: a missing split file or an empty class fails here, before any weights load.
+    train_split, eval_split = load_image_splits(data_args)
+    logger.info(
+        "data: %d training images (%s), %d classes", len(train_split), train_split.source, train_split.num_classes
+    )
+    settings = apply_batch_convention(batch, training_args)
+
+    # 2-3. Backbone, head, tuning mode.
+    model = load_vision_model(model_args, train_split.num_classes)
+    data_config = vision_data_config(model, model_args)
+    library = model_library(model)
+    model = prepare_for_tuning(model, tuning_args)
+
+    train_dataset = ImageClassificationDataset(
+        train_split,
+        build_image_transform(data_config, train=True, augmentation=augmentation),
+        cache_images=data_args.cache_images,
+    )
+    eval_dataset = None
+    if eval_split is not None:
+        eval_dataset = ImageClassificationDataset(
+            eval_split, build_image_transform(data_config, train=False), cache_images=data_args.cache_images
+        )
+    trainer = StagedImageClassificationTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=ImageClassificationCollator(train_split.num_classes, augmentation),
+        eval_data_collator=ImageClassificationCollator(train_split.num_classes),
+        compute_metrics=accuracy_metrics,
+    )
+    logger.info("stage plan: %s", [(s.name, s.num_params) for s in trainer.stage_plan.stages])
+
+    # 4. Train every stage.
+    resume = training_args.resume_from_checkpoint
+    resume = True if str(resume).lower() in ("true", "last") else resume
+    train_result = trainer.train(resume_from_checkpoint=resume)
+
+    # 5. Save and evaluate.
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))
+    metrics = trainer.evaluate() if eval_dataset is not None else {}
+    if trainer.is_world_process_zero():
+        write_vision_config(output_dir, model_args, tuning_args, data_config, train_split.classes, library)
+        atomic_write_json(
+            output_dir / "all_results.json",
+            {
+                **{f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()},
+                **metrics,
+                **settings,
+                "world_size": training_args.world_size,
+                "dt_variant": training_args.dt_variant,
+                "tuning_mode": tuning_args.tuning_mode,
+            },
+        )
+    trainer.accelerator.wait_for_everyone()
+    return {"output_dir": str(output_dir), "train": train_result.metrics, "eval": metrics, "trainer": trainer}
+
+
+if __name__ == "__main__":
+    main()
