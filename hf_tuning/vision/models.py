@@ -75,8 +75,8 @@ class VisionModelArguments:
         },
     )
     drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth rate."})
-    model_kwargs: dict[str, Any] = field(
-        default_factory=dict,
+    model_kwargs: dict | str | None = field(  # str: a JSON object given on the command line
+        default=None,
         metadata={
             "help": "Extra architecture arguments: timm create_model kwargs (img_size, window_size, depths, ...) "
             "or transformers config overrides (image_size, num_hidden_layers, ...)."
@@ -94,8 +94,13 @@ class VisionModelArguments:
             raise VisionModelError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.model_kwargs is None:
             self.model_kwargs = {}
-        if isinstance(self.model_kwargs, str):  # from the command line
-            self.model_kwargs = json.loads(self.model_kwargs)
+        if isinstance(self.model_kwargs, str):
+            try:
+                self.model_kwargs = json.loads(self.model_kwargs)
+            except json.JSONDecodeError as err:
+                raise VisionModelError(f"model_kwargs must be a JSON object, got {self.model_kwargs!r}: {err}") from err
+        if not isinstance(self.model_kwargs, dict):
+            raise VisionModelError(f"model_kwargs must be a mapping, got {type(self.model_kwargs).__name__}")
 
 
 def model_library(model: nn.Module) -> str:
@@ -245,7 +250,13 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
         rows = state[f"{head_name}.weight"].shape[0]
         _replace_head(model, head_name, nn.Linear(head.in_features, rows, bias=head.bias is not None))
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith(("relative_position_index", "attn_mask"))]
+    if not head_keys & state.keys():
+        logger.info("%s has no classifier head (a backbone checkpoint): the head starts fresh", path)
+    missing = [
+        k
+        for k in result.missing_keys
+        if not k.endswith(("relative_position_index", "attn_mask")) and k not in head_keys
+    ]
     if missing or result.unexpected_keys:
         raise VisionModelError(
             f"{path} does not match {type(model).__name__}: missing {missing[:8]}"
