@@ -25,20 +25,24 @@ imports). Results: ``<output-dir>/bench_vision_cpu.json`` and ``<output-dir>/ben
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_vision.py                  # ~8 min on 2 idle cores (see below)
+    .venv/bin/python benchmarks/bench_vision.py                  # ~5-6 min on 2 idle cores (see below)
     .venv/bin/python benchmarks/bench_vision.py --wait-idle 600  # start once other processes are idle
-    .venv/bin/python benchmarks/bench_vision.py --quick          # smoke test: tiny models, 3 steps (~20 s)
+    .venv/bin/python benchmarks/bench_vision.py --quick          # smoke test: tiny models, 3 steps (~40 s)
 
-Expected full-run time: about 8 minutes on 2 idle cores of the Xeon this repository is benchmarked on
-(~0.5 s per ViT step and ~0.2 s per Swin step at batch 32, 672 steps in all, plus ~1 s of set-up per
-stage); a machine whose cores are busy with other work can take several times longer, since the
-two torch threads then wait on each other.
+Expected full-run time (24 runs, 56 stages, 672 steps of batch 32): a timing sample at full size with
+one torch thread, on this repository's 2-core Xeon while another job kept the other core busy, gave
+~0.9 s per ViT step and ~0.4 s per Swin step for ost (dt1 stages ~30% less), i.e. ~6.5 min of steps,
+plus ~0.3 s of set-up per stage (mostly the timeline PNG the staged trainer draws after every stage) and
+~30 s of imports and warm-up: ~7 min on one core, ~5-6 min with both cores idle. With the cores busy with other
+work two torch threads can be many times slower than one (they wait on each other): use ``--wait-idle``,
+or ``--threads 1`` on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import logging
 import os
 import platform
@@ -102,7 +106,8 @@ class ArchSpec:
         return dict(self.quick_kwargs if quick else self.kwargs)
 
 
-# ViT-Ti widths with ViT-S depth on 32x32 images (64 patches); a Swin-T layout at half width on 64x64
+# ViT-Ti (192 wide, 12 blocks) on 32x32 images in 4x4 patches; Swin-T's (2, 2, 6, 2) layout at half width
+# (48) on 64x64 images with 4x4 windows. Quick: a few blocks, 16-32 wide, for a smoke test
 ARCHS: dict[str, ArchSpec] = {
     "vit": ArchSpec(
         "vit_tiny_patch16_224",
@@ -427,14 +432,25 @@ def run_one(
     }
 
 
+def park_heap() -> None:
+    """Move every object alive now out of the garbage collector's reach (``gc.freeze``).
+
+    Each ``gc.collect()`` (the staged trainer and accelerate run two per stage, ``reset_peak_rss`` one) would
+    otherwise walk the ~10^6 objects of torch, transformers and timm, ~0.4 s each, and an automatic full
+    collection inside a timed step would distort it. Models and trainers built later are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def warm_up(s: VisionBenchSettings) -> None:
-    """A two-step dt3 run of every backbone and mode at quick size, so lazy imports, thread pools and
-    one-off allocations are paid before anything is measured."""
+    """A two-step dt3 run per mode of the first backbone at quick size, so lazy imports (peft, matplotlib),
+    thread pools and one-off allocations are paid before anything is measured (shape-specific first-call
+    costs are what each stage's untimed warm-up steps are for)."""
     tiny = VisionBenchSettings(steps=2, warmup_steps=0, batch_size=4, seed=s.seed, lora_rank=s.lora_rank)
-    for arch in s.archs:
-        data = build_dataset(tiny, arch, quick=True)
-        for mode in s.modes:
-            run_one(tiny, arch, mode, "dt3", data, quick=True)
+    data = build_dataset(tiny, s.archs[0], quick=True)
+    for mode in s.modes:
+        run_one(tiny, s.archs[0], mode, "dt3", data, quick=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,6 +486,7 @@ def analyse_group(s: VisionBenchSettings, runs: list[dict[str, Any]]) -> dict[st
     ost_stats = timing_stats(ost_times, _pool(ost_runs, "step_foreign_cores", w))
     ost_stage = ost_runs[0]["stages"][0]
     ost_opt, ost_moments = ost_stage["optimizer_state_bytes"], ost_stage["optimizer_moment_bytes"]
+    ost_stage_of = {r["rep"]: r["stages"][0] for r in ost_runs}
 
     def speed(times: list[float], foreign: list[float]) -> dict[str, Any]:
         stats = timing_stats(times, foreign)
@@ -508,7 +525,6 @@ def analyse_group(s: VisionBenchSettings, runs: list[dict[str, Any]]) -> dict[st
             per_rep = [next(st for st in r["stages"] if st["index"] == k) for r in rs]
             st = {key: first[key] for key in ("index", "name", "trains", "trainable_params", "share")}
             st.update(speed(_pool(rs, "step_times_s", w, stage=k), _pool(rs, "step_foreign_cores", w, stage=k)))
-            ost_stage_of = {r["rep"]: r["stages"][0] for r in ost_runs}
             peaks = [(x["peak_rss_bytes"], ost_stage_of[r["rep"]]["peak_rss_bytes"]) for x, r in zip(per_rep, rs)]
             deltas = [
                 (x["peak_rss_delta_bytes"], ost_stage_of[r["rep"]]["peak_rss_delta_bytes"]) for x, r in zip(per_rep, rs)
@@ -556,6 +572,23 @@ def _series(values: list[float], digits: int = 3) -> str:
     return "/".join(f"{v:.{digits}f}" for v in values)
 
 
+def _dt1_speed_sentence(stages: list[dict[str, Any]]) -> str:
+    """Whether dt1's images/s ratio rises stage by stage; a dip whose 95% intervals overlap is called noise."""
+    ratios = [st["images_per_s_ratio"] for st in stages]
+    text = f"dt1 images/s / ost per stage = {_series(ratios, 2)}"
+    dips = []
+    for before, after in zip(stages, stages[1:]):
+        if after["images_per_s_ratio"] < before["images_per_s_ratio"]:
+            a, b = before["images_per_s_ratio_ci95"], after["images_per_s_ratio_ci95"]
+            overlap = a is not None and b is not None and b[1] >= a[0]
+            dips.append(f"stage {after['index']} below stage {before['index']}{' within noise' if overlap else ''}")
+    if not dips:
+        text += ", rising stage by stage as expected (backward stops at the active stage)"
+    else:
+        text += f", not rising at every stage ({', '.join(dips)}; expected: later stages faster)"
+    return text + f"; last / first stage {ratios[-1] / ratios[0]:.2f}x"
+
+
 def expected_vs_measured(s: VisionBenchSettings, summary: dict[str, Any]) -> list[str]:
     """One sentence per backbone and mode: optimizer bytes against parameter share, and whether the
     dt1 stages speed up stage by stage as backward gets shorter."""
@@ -573,21 +606,11 @@ def expected_vs_measured(s: VisionBenchSettings, summary: dict[str, Any]) -> lis
                     f"deviation {worst:.1e})"
                 )
             if "dt1" in variants:
-                ratios = [st["images_per_s_ratio"] for st in variants["dt1"]["stages"]]
-                rising = all(b >= a for a, b in zip(ratios, ratios[1:]))
-                parts.append(
-                    f"dt1 images/s / ost per stage = {_series(ratios, 2)}, "
-                    + (
-                        "rising stage by stage as expected (backward stops at the active stage)"
-                        if rising
-                        else "not rising monotonically (expected: later stages faster)"
-                    )
-                    + f"; last / first stage {ratios[-1] / ratios[0]:.2f}x"
-                )
-            peaks = ", ".join(
-                f"{name} {variants[name]['peak_rss_delta_ratio']:.2f}" for name in s.variants if name != "ost"
-            )
-            parts.append(f"run peak RSS above start / ost: {peaks}")
+                parts.append(_dt1_speed_sentence(variants["dt1"]["stages"]))
+            others = [name for name in s.variants if name != "ost"]
+            if others:
+                peaks = ", ".join(f"{name} {variants[name]['peak_rss_delta_ratio']:.2f}" for name in others)
+                parts.append(f"run peak RSS above start / ost: {peaks}")
             lines.append(f"* **{arch} {mode}**: " + "; ".join(parts) + ".")
     return lines
 
@@ -679,8 +702,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Set-up: random-init timm backbones, fp32, synthetic images ({s['num_classes']} classes), batch "
         f"{s['batch_size']}, AdamW (default `optim`), constant LR {s['learning_rate']}, LoRA r={s['lora_rank']} on "
-        f"every block projection (head and final norm trained in every mode and stage). Every stage runs "
-        f"{s['steps']} steps (`dt_budget=per_stage`); the first {s['warmup_steps']} of every stage are not timed. "
+        f"every block projection; the modules after the last block that `prepare_for_tuning` leaves trainable "
+        f"(head, final norm) train in every stage. Every stage runs {s['steps']} steps (`dt_budget=per_stage`); "
+        f"the first {s['warmup_steps']} step(s) of every stage are not timed. "
         f"Per backbone and mode the runs go in the order {order}, each from a freshly seeded model, after a "
         f"warm-up at tiny size. Total wall time {report['total_wall_s']:.0f} s"
         f"{' (quick mode: tiny models, numbers only show that the script works)' if s['quick'] else ''}.",
@@ -785,8 +809,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if foreign_at_start > 0.15:
             print(f"[bench] WARNING: other processes use {foreign_at_start:.2f} cores; timings will be noisy")
         started = time.perf_counter()
+        park_heap()
         print(f"[bench] warm-up ({s.threads} threads)", flush=True)
         warm_up(s)
+        park_heap()  # what the warm-up imported lazily (peft, matplotlib)
         runs = []
         for arch in s.archs:
             dataset = build_dataset(s, arch)
@@ -819,6 +845,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "total_wall_s": time.perf_counter() - started,
         }
     finally:
+        gc.unfreeze()
         torch.set_num_threads(previous_threads)
     out = Path(s.output_dir)
     atomic_write_json(out / f"{RESULT_STEM}.json", report)

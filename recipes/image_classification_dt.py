@@ -43,6 +43,7 @@ from hf_tuning.vision import (  # noqa: E402
     accuracy_metrics,
     load_vision_model,
     prepare_for_tuning,
+    save_adapter_weights,
     vision_data_config,
     write_vision_config,
 )
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics = trainer.evaluate() if eval_dataset is not None else {}
     if trainer.is_world_process_zero():
         write_vision_config(output_dir, model_args, tuning_args, data_config, train_split.classes, library)
+        if tuning_args.tuning_mode == "adapter":
+            save_adapter_weights(trainer.model, output_dir)
         atomic_write_json(
             output_dir / "all_results.json",
             {

@@ -17,7 +17,12 @@ from hf_tuning.vision.models import (
     load_vision_model,
     vision_data_config,
 )
-from hf_tuning.vision.saved import TrainedClassifier, load_trained_classifier, write_vision_config
+from hf_tuning.vision.saved import (
+    TrainedClassifier,
+    load_trained_classifier,
+    save_adapter_weights,
+    write_vision_config,
+)
 from hf_tuning.vision.trainer import StagedImageClassificationTrainer, accuracy_metrics, logits_of
 from hf_tuning.vision.tuning import TUNING_MODES, VisionTuningArguments, prepare_for_tuning
 
@@ -36,6 +41,7 @@ __all__ = [
     "load_vision_model",
     "logits_of",
     "prepare_for_tuning",
+    "save_adapter_weights",
     "vision_data_config",
     "write_vision_config",
 ]

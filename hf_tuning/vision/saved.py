@@ -19,9 +19,19 @@ from hf_tuning.io import atomic_write_json, read_json
 from hf_tuning.vision.models import VisionModelArguments, load_state_dict_file, load_vision_model, model_library
 from hf_tuning.vision.tuning import VisionTuningArguments, prepare_for_tuning
 
-__all__ = ["VISION_CONFIG_FILE", "TrainedClassifier", "write_vision_config", "load_trained_classifier"]
+__all__ = [
+    "VISION_CONFIG_FILE",
+    "ADAPTER_WEIGHTS_FILE",
+    "TrainedClassifier",
+    "write_vision_config",
+    "save_adapter_weights",
+    "load_trained_classifier",
+]
 
 VISION_CONFIG_FILE = "vision_config.json"
+# Bottleneck adapters + head + final norm under the model's own parameter names: transformers'
+# save_pretrained renames keys to its legacy layout, which plain load_state_dict cannot read back.
+ADAPTER_WEIGHTS_FILE = "vision_adapter.safetensors"
 
 
 @dataclass
@@ -52,6 +62,31 @@ def write_vision_config(
     )
 
 
+def save_adapter_weights(model: nn.Module, output_dir: str | Path) -> Path:
+    """Write the adapter-mode weights (adapters, head, final norm) atomically."""
+    from safetensors.torch import save_file
+
+    from hf_tuning.io import atomic_output
+
+    state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    path = Path(output_dir) / ADAPTER_WEIGHTS_FILE
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp))
+    return path
+
+
+def _load_adapter_weights(model: nn.Module, folder: Path) -> None:
+    path = folder / ADAPTER_WEIGHTS_FILE
+    state = load_state_dict_file(path)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        raise ValueError(
+            f"{path} does not match the adapters of the rebuilt model: missing {sorted(expected - set(state))[:6]}, "
+            f"unexpected {sorted(set(state) - expected)[:6]}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
 def load_trained_classifier(output_dir: str | Path, device: str = "cpu") -> TrainedClassifier:
     """Rebuild the classifier a vision recipe wrote to ``output_dir``, in eval mode."""
     folder = Path(output_dir)
@@ -65,13 +100,27 @@ def load_trained_classifier(output_dir: str | Path, device: str = "cpu") -> Trai
     if tuning_args.tuning_mode == "lora":
         from peft import PeftModel
 
+        if not (model_args.pretrained or model_args.checkpoint or Path(model_args.model_name_or_path).is_dir()):
+            raise ValueError(
+                f"{folder} holds a LoRA adapter over a randomly initialised backbone (no pretrained weights or "
+                "checkpoint were given): the adapter alone cannot restore that base"
+            )
         base = load_vision_model(model_args, len(classes))
         model = PeftModel.from_pretrained(base, str(folder))
     else:
-        if saved["library"] == "transformers" and tuning_args.tuning_mode == "full":
+        if saved["library"] == "transformers":
             from transformers import AutoModelForImageClassification
+            from transformers.utils import logging as hf_logging
 
-            model = AutoModelForImageClassification.from_pretrained(str(folder))
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the adapter keys are "unexpected" to the plain architecture
+            try:
+                model = AutoModelForImageClassification.from_pretrained(str(folder))
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            if tuning_args.tuning_mode == "adapter":
+                model = prepare_for_tuning(model, tuning_args)
+                _load_adapter_weights(model, folder)
         else:
             skeleton = dataclasses.replace(model_args, pretrained=False, checkpoint=None, head_class_map=None)
             model = prepare_for_tuning(load_vision_model(skeleton, len(classes)), tuning_args)

@@ -1,7 +1,7 @@
 """Tuning modes of a vision backbone: full fine-tuning, LoRA (through PEFT) or the paper's adapter.
 
 In every mode the classifier head and the final norm (the parameters after the last block) are
-trainable, and the staged engine keeps them trainable in every stage. In the PEFT modes the
+trainable (under LoRA, a final norm whose name PEFT cannot single out stays frozen), and the staged engine keeps them trainable in every stage. In the PEFT modes the
 backbone is frozen, so only the adapters are split into subspaces.
 """
 
@@ -94,17 +94,19 @@ def _freeze_all_but(model: nn.Module, keep_prefixes: list[str]) -> None:
         param.requires_grad_(name.startswith(prefixes))
 
 
-def _keep_only_intended_wrappers(model: nn.Module, intended: set[str]) -> None:
-    """PEFT matches ``modules_to_save`` by name suffix, so ``norm`` (timm Swin's final norm) also
-    wraps every ``*.downsample.norm``. Put the unintended ones back to the original module so
-    they stay frozen and out of the saved adapter (reloading re-wraps them as exact copies)."""
-    from peft.utils import ModulesToSaveWrapper
+def _unambiguous_for_peft(model: nn.Module, modules: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``modules`` into names PEFT can wrap as ``modules_to_save`` and names it cannot.
 
-    base = model.get_base_model()
-    for name, module in list(base.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper) and name not in intended:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(base.get_submodule(parent_name) if parent_name else base, attr, module.original_module)
+    PEFT finds ``modules_to_save`` by plain suffix match, when wrapping and again in
+    ``PeftModel.from_pretrained``: timm Swin's final ``norm`` would also catch ``patch_embed.norm``
+    and every ``downsample.norm``, and the saved adapter would then not reload.
+    """
+    all_names = [name for name, _ in model.named_modules()]
+    usable, ambiguous = [], []
+    for name in modules:
+        clashes = [other for other in all_names if other != name and other.endswith(name)]
+        (ambiguous if clashes else usable).append(name)
+    return usable, ambiguous
 
 
 def prepare_for_tuning(model: nn.Module, args: VisionTuningArguments) -> nn.Module:
@@ -119,13 +121,18 @@ def prepare_for_tuning(model: nn.Module, args: VisionTuningArguments) -> nn.Modu
         return model
     from peft import LoraConfig, get_peft_model
 
+    to_save, ambiguous = _unambiguous_for_peft(model, head_modules)
+    if ambiguous:
+        logger.warning(
+            "LoRA: %s stay frozen; PEFT matches modules_to_save by name suffix, so training them would make "
+            "the adapter impossible to reload with PeftModel.from_pretrained",
+            ", ".join(ambiguous),
+        )
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=args.lora_target_modules or block_linear_names(model),
-        modules_to_save=head_modules,
+        modules_to_save=to_save,
     )
-    peft_model = get_peft_model(model, config)
-    _keep_only_intended_wrappers(peft_model, set(head_modules))
-    return peft_model
+    return get_peft_model(model, config)
