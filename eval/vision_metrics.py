@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from datasets_builders.vision import VTAB_ALIASES, VTAB_GROUPS
 from hf_tuning.io import atomic_output
 
 __all__ = [
@@ -37,51 +38,8 @@ __all__ = [
     "vtab_group_of",
 ]
 
-# The VTAB-1k tasks by group, in the order papers print them. Kept identical to
-# datasets_builders.vision.VTAB_GROUPS (a test checks it) but defined here so the metrics need no data code.
-VTAB_GROUPS: dict[str, tuple[str, ...]] = {
-    "natural": ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
-    "specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
-    "structured": (
-        "clevr_count",
-        "clevr_dist",
-        "dmlab",
-        "kitti",
-        "dsprites_loc",
-        "dsprites_ori",
-        "smallnorb_azi",
-        "smallnorb_ele",
-    ),
-}
+# The VTAB-1k task table and the other spellings of task names live with the data builders.
 VTAB_TASKS: tuple[str, ...] = tuple(task for tasks in VTAB_GROUPS.values() for task in tasks)
-# Other spellings of a task name found in result files, papers and TFDS (keys lower case, '_' for '-' and ' ');
-# "cifar" in VTAB-1k is CIFAR-100. The same spellings datasets_builders.vision accepts (a test checks it).
-VTAB_ALIASES: dict[str, str] = {
-    "cifar_100": "cifar",
-    "cifar100": "cifar",
-    "caltech": "caltech101",
-    "caltech_101": "caltech101",
-    "flowers": "oxford_flowers102",
-    "flowers102": "oxford_flowers102",
-    "oxford_flowers": "oxford_flowers102",
-    "pets": "oxford_iiit_pet",
-    "pet": "oxford_iiit_pet",
-    "oxford_pet": "oxford_iiit_pet",
-    "oxford_pets": "oxford_iiit_pet",
-    "sun": "sun397",
-    "camelyon": "patch_camelyon",
-    "pcam": "patch_camelyon",
-    "resisc": "resisc45",
-    "retinopathy": "diabetic_retinopathy",
-    "clevr_count_all": "clevr_count",
-    "clevr_closest_object_distance": "clevr_dist",
-    "clevr_distance": "clevr_dist",
-    "dsprites_location": "dsprites_loc",
-    "dsprites_orientation": "dsprites_ori",
-    "smallnorb_azimuth": "smallnorb_azi",
-    "smallnorb_elevation": "smallnorb_ele",
-    "kitti_distance": "kitti",
-}
 AGGREGATE_LABELS: dict[str, str] = {
     "mean_of_19_tasks": "mean over the 19 tasks (e.g. SNELL's 74.6)",
     "mean_of_group_means": "mean of the 3 group means (e.g. SNELL's 76.9)",
