@@ -217,6 +217,7 @@ def find_block_stack(model: nn.Module, families: list[BlockFamily] | None = None
     Raises:
         BlocksNotFoundError: no family matches, or one family matches several stacks.
     """
+    ambiguous: BlocksNotFoundError | None = None
     for family in families if families is not None else _REGISTRY:
         hits = [
             (path, module)
@@ -226,12 +227,15 @@ def find_block_stack(model: nn.Module, families: list[BlockFamily] | None = None
         if not hits:
             continue
         if len(hits) > 1:
+            # e.g. an isotropic `blocks` family inside each stage of a hierarchical model: a later
+            # family may match the model as a whole
             paths = ", ".join(path for path, _ in hits)
-            raise BlocksNotFoundError(
+            ambiguous = ambiguous or BlocksNotFoundError(
                 f"family {family.name!r} matches several block stacks in "
                 f"{type(model).__name__}: {paths}. Pass explicit regex groups "
                 "(dt_groups / groups=...) to say which parameters form each subspace."
             )
+            continue
         path, stack_module = hits[0]
         stack = BlockStack(family=family, path=path)
         prefix = _strip_prefix(path)
@@ -246,6 +250,8 @@ def find_block_stack(model: nn.Module, families: list[BlockFamily] | None = None
                 for index, _ in enumerate(inner.children()):
                     stack.blocks.append((f"{stage_prefix}{family.stage_blocks}.{index}.", stage, index))
         return stack
+    if ambiguous is not None:
+        raise ambiguous
     raise BlocksNotFoundError(
         f"could not find the repeated blocks of {type(model).__name__}: no registered family "
         f"({', '.join(f.name for f in (families or _REGISTRY))}) matches. Stacks found:\n"

@@ -101,7 +101,8 @@ def _unambiguous_for_peft(model: nn.Module, modules: list[str]) -> tuple[list[st
     ``PeftModel.from_pretrained``: timm Swin's final ``norm`` would also catch ``patch_embed.norm``
     and every ``downsample.norm``, and the saved adapter would then not reload.
     """
-    all_names = [name for name, _ in model.named_modules()]
+    # a clash with a module without parameters (timm ViT's Identity `fc_norm`) is harmless
+    all_names = [name for name, module in model.named_modules() if any(True for _ in module.parameters())]
     usable, ambiguous = [], []
     for name in modules:
         clashes = [other for other in all_names if other != name and other.endswith(name)]
