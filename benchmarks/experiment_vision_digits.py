@@ -199,8 +199,7 @@ def summarise(runs: list[dict], pretrained: dict[str, float], meta: dict) -> tup
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
             lines.append("")
     summary = {
-        k: {"mean": _stats(v["top1"])[0], "std": _stats(v["top1"])[1], "steps": v["steps"], "top1": v["top1"]}
-        for k, v in table.items()
+        k: dict(zip(("mean", "std"), _stats(v["top1"])), steps=v["steps"], top1=v["top1"]) for k, v in table.items()
     }
     return summary, "\n".join(lines)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_tuning.chat_templates import has_generation_markers
+from tests.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "agrimatech_llama_dt3.py"
@@ -25,15 +25,7 @@ SMOLLM2_CONFIG = ROOT / "recipes" / "configs" / "agrimatech_smollm2_dt3.yaml"
 LLAMA_CONFIG = ROOT / "recipes" / "configs" / "agrimatech_llama_dt3.yaml"
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("agrimatech_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-recipe = load_recipe()
+recipe = load_recipe("agrimatech_llama_dt3.py")
 
 
 @pytest.fixture(scope="module")

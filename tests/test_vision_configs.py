@@ -4,13 +4,13 @@ and the paper-reproduction configs hold the numbers their comments claim."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "image_classification_dt.py"
@@ -23,15 +23,7 @@ VIT_VTAB = CONFIG_DIR / "vit_b16_vtab1k_lora_dt3.yaml"
 PER_FAMILY_KEYS = {"dt_variant", "output_dir"}  # the only keys the files of one family may differ in
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("image_classification_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-recipe = load_recipe()
+recipe = load_recipe("image_classification_dt.py")
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import torch
 from datasets_builders.digits import export_digits
 from datasets_builders.vision import ImageDataError
 from hf_tuning.vision import load_trained_classifier, logits_of
+from tests.recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/image_classification_dt.py"
@@ -24,11 +24,7 @@ SWIN = json.dumps(
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("image_classification_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("image_classification_dt.py")
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,9 @@ def tiny_hf(family: str, num_classes: int = 5) -> nn.Module:
             num_hidden_layers=8,
             num_attention_heads=2,
             intermediate_size=64,
+            num_labels=num_classes,
         )
-        return ViTForImageClassification(config.__class__(**{**config.to_dict(), "num_labels": num_classes}))
+        return ViTForImageClassification(config)
     if family == "hf_swin":
         config = SwinConfig(
             image_size=16,
