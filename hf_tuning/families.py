@@ -190,6 +190,17 @@ register_block_family(
     )
 )
 
+# Diffusion transformers. diffusers' DiT keeps a copy of the timestep/label embedder inside every
+# block (``transformer_blocks.N.norm1.emb``), so each copy is staged with its block.
+register_block_family(
+    BlockFamily(
+        name="diffusers_dit",
+        container="transformer_blocks",
+        block_class=r"BasicTransformerBlock$",
+        description="diffusers DiTTransformer2DModel / PixArt: `transformer_blocks.N`",
+    )
+)
+
 
 def _strip_prefix(path: str) -> str:
     return f"{path}." if path else ""
