@@ -89,6 +89,7 @@ from benchmarks.bench_engine import (  # noqa: E402
     wait_for_idle,
 )
 from benchmarks.bench_sft import schedule  # noqa: E402
+from benchmarks.bench_vision import _read_commit  # noqa: E402
 from datasets_builders.diffusion import (  # noqa: E402
     DiffusionDataArguments,
     KnowledgeBank,
@@ -603,30 +604,6 @@ def analyse(s: DitBenchSettings, runs: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Machine and report
 # ---------------------------------------------------------------------------------------------
-def read_commit() -> str | None:
-    """The checked-out commit, read from ``.git`` itself: the benchmark starts no git process."""
-    git = ROOT / ".git"
-    try:
-        if git.is_file():  # a worktree: "gitdir: <path>"
-            git = Path(git.read_text(encoding="utf-8").split(":", 1)[1].strip())
-        head = (git / "HEAD").read_text(encoding="utf-8").strip()
-        if not head.startswith("ref: "):
-            return head[:12]
-        ref = head[5:]
-        common = git / "commondir"
-        base = (git / common.read_text(encoding="utf-8").strip()).resolve() if common.is_file() else git
-        for folder in (git, base):
-            if (folder / ref).is_file():
-                return (folder / ref).read_text(encoding="utf-8").strip()[:12]
-        packed = base / "packed-refs"
-        for line in packed.read_text(encoding="utf-8").splitlines() if packed.is_file() else []:
-            if line.endswith(" " + ref):
-                return line.split()[0][:12]
-    except (OSError, IndexError):
-        return None
-    return None
-
-
 def machine_info(device: str) -> dict[str, Any]:
     """CPU (and GPU), cores, memory and library versions, so results from different machines are told apart.
 
@@ -653,7 +630,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
-        "commit": read_commit(),
+        "commit": _read_commit(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
     return info

@@ -10,6 +10,8 @@ Where things live:
 * for SFT recipes: training chat templates (:mod:`hf_tuning.chat_templates`), model loading from
   the Hub, a folder or GGUF (:mod:`hf_tuning.models`), model cards (:mod:`hf_tuning.model_card`)
   and Hub upload of a finished run (:mod:`hf_tuning.hub`)
+* image classifiers (timm / transformers ViT, Swin, ConvNeXt): :mod:`hf_tuning.vision`
+* DiT transfer by chain of forgetting (diffusers): :mod:`hf_tuning.diffusion`
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel
 from PIL import Image
+from tiny_dit import tiny_dit, tiny_vae
 from torch import nn
 
 from hf_tuning.diffusion.gaussian import GaussianDiffusion, linear_betas
@@ -32,19 +33,7 @@ def _one_thread():
 
 
 def _dit(in_channels: int = 4, out_channels: int = 8, seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        patch_size=2,
-        norm_type="ada_norm_zero",
-        num_embeds_ada_norm=10,
-    )
-    return model.eval()
+    return tiny_dit(in_channels, classes=10, layers=2, out_channels=out_channels, head_dim=16, seed=seed).eval()
 
 
 @pytest.fixture(scope="module")
@@ -157,16 +146,7 @@ def test_sample_dit_pixel_space_deterministic(pixel_dit: DiTTransformer2DModel) 
 
 
 def test_sample_dit_with_vae_and_ddim(latent_dit: DiTTransformer2DModel) -> None:
-    torch.manual_seed(3)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=16,
-    ).eval()
+    vae = tiny_vae(seed=3).eval()
     for sampler in ("ddpm", "ddim"):
         images = sample_dit(
             latent_dit,

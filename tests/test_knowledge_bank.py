@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import tiny_dit as tiny_models
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
@@ -33,31 +34,11 @@ NUM_CLASSES = 5  # the tiny DiTs' label table: classes 0..4, null 5
 
 
 def tiny_dit(in_channels: int = 1, out_channels: int = 2, seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        num_layers=1,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        patch_size=2,
-        norm_type="ada_norm_zero",
-        num_embeds_ada_norm=NUM_CLASSES,
-    ).eval()
+    return tiny_models.tiny_dit(in_channels, NUM_CLASSES, layers=1, out_channels=out_channels, seed=seed).eval()
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=16,
-    ).eval()
+    return tiny_models.tiny_vae(seed).eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,27 +9,37 @@ import torch
 from PIL import Image
 
 
-def tiny_dit(in_channels: int = 1, classes: int = 5, layers: int = 4, sample_size: int = 8, learn_sigma: bool = True):
+def tiny_dit(
+    in_channels: int = 1,
+    classes: int = 5,
+    layers: int = 4,
+    sample_size: int = 8,
+    learn_sigma: bool = True,
+    out_channels: int | None = None,
+    head_dim: int = 8,
+    seed: int = 0,
+):
+    """A DiT of a few thousand parameters; ``out_channels`` overrides the learned-sigma default."""
     from diffusers import DiTTransformer2DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return DiTTransformer2DModel(
         sample_size=sample_size,
         in_channels=in_channels,
-        out_channels=2 * in_channels if learn_sigma else in_channels,
+        out_channels=out_channels or (2 * in_channels if learn_sigma else in_channels),
         num_layers=layers,
         num_attention_heads=2,
-        attention_head_dim=8,
+        attention_head_dim=head_dim,
         patch_size=2,
         norm_type="ada_norm_zero",
         num_embeds_ada_norm=classes,
     )
 
 
-def tiny_vae():
+def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(32, 64),
         down_block_types=("DownEncoderBlock2D",) * 2,
