@@ -79,9 +79,6 @@ class DiTModelArguments:
     )
     vae_subfolder: str | None = field(default=None, metadata={"help": "Subfolder of the VAE, if any."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model and VAE."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Never needed for DiT; kept off unless the model requires it."}
-    )
 
     def __post_init__(self) -> None:
         if isinstance(self.model_config, str):
