@@ -9,7 +9,8 @@
    (recipes/configs/dit_digits_pretrain.yaml), and a knowledge bank is sampled from it.
 3. The pretrained DiT is transferred to digits 5-9 by plain fine-tuning (uniform t, no bank) and by
    chain of forgetting (power-law t, 6 of 32 samples from the bank), with the same steps, optimiser,
-   EMA and seeds (recipes/configs/dit_digits_{finetune,chain_of_forgetting}.yaml).
+   EMA and seeds (recipes/configs/dit_digits_{finetune,chain_of_forgetting}.yaml); two ablations take
+   one ingredient each: ``timesteps_only`` (power-law t, no bank) and ``bank_only`` (uniform t, bank).
 4. Every run is scored the same way: ``--num-samples`` EMA samples with labels drawn from the target
    classes, DiT's sampler, FID against the held-out target test images in the classifier's features,
    k-NN precision/recall, and the share of samples the classifier reads as the intended digit.
@@ -46,23 +47,30 @@ from eval.digits_classifier import (  # noqa: E402
     train_digits_classifier,
 )
 from eval.fid import compute_fid, load_feature_extractor, load_image_folder  # noqa: E402
-from hf_tuning.diffusion import SamplingArguments, load_run, sample_run, save_image_grid  # noqa: E402
+from hf_tuning.diffusion import SamplingArguments, load_run, sample_dit, sample_run, save_image_grid  # noqa: E402
 from hf_tuning.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
 CONFIGS = ROOT / "recipes" / "configs"
 RESULTS = ROOT / "benchmarks" / "results"
-ARMS = {"finetune": "dit_digits_finetune.yaml", "chain_of_forgetting": "dit_digits_chain_of_forgetting.yaml"}
+# arm -> (config, whether it reads the knowledge bank); the last two take one ingredient each (ablations)
+ARMS = {
+    "finetune": ("dit_digits_finetune.yaml", False),
+    "chain_of_forgetting": ("dit_digits_chain_of_forgetting.yaml", True),
+    "timesteps_only": ("dit_digits_chain_of_forgetting.yaml", False),
+    "bank_only": ("dit_digits_finetune.yaml", True),
+}
 SOURCE_DIGITS, TARGET_DIGITS = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--pretrain-steps", type=int, default=None, help="default: the pretrain config's")
     parser.add_argument("--transfer-steps", type=int, default=None, help="default: the transfer configs'")
     parser.add_argument("--bank-images", type=int, default=1000)
-    parser.add_argument("--num-samples", type=int, default=1000, help="samples per run for FID")
-    parser.add_argument("--sampling-steps", type=int, default=250)
+    parser.add_argument("--num-samples", type=int, default=500, help="samples per run for FID")
+    parser.add_argument("--sampling-steps", type=int, default=100, help="respaced DDPM steps (DiT: 250)")
     parser.add_argument("--guidance-scale", type=float, default=1.5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (tiny kernels: 1 is often fastest)")
     parser.add_argument("--work-dir", default="outputs/experiment_dit_digits")
@@ -109,6 +117,17 @@ def class_accuracy(classifier: torch.nn.Module, images: torch.Tensor, labels: to
     return float((predicted == labels + offset).float().mean() * 100)
 
 
+def sampling_settings(args: argparse.Namespace) -> SamplingArguments:
+    """One evaluation protocol for every run."""
+    return SamplingArguments(
+        guidance_scale=args.guidance_scale,
+        cfg_channels=1,
+        num_inference_steps=args.sampling_steps,
+        sampler="ddpm",
+        sample_batch_size=500,
+    )
+
+
 def score(
     run_dir: Path,
     args: argparse.Namespace,
@@ -116,16 +135,8 @@ def score(
     classifier: torch.nn.Module,
     reference: torch.Tensor,
     offset: int,
-    grid: Path | None,
 ) -> dict[str, Any]:
     transformer, vae, config = load_run(run_dir)
-    sampling = SamplingArguments(
-        guidance_scale=args.guidance_scale,
-        cfg_channels=1,
-        num_inference_steps=args.sampling_steps,
-        sampler="ddpm",
-        sample_batch_size=500,
-    )
     started = time.perf_counter()
     images, labels = sample_run(
         transformer,
@@ -133,23 +144,39 @@ def score(
         num_samples=args.num_samples,
         num_classes=len(config["classes"]),
         null_class=config["null_class"],
-        sampling=sampling,
+        sampling=sampling_settings(args),
         seed=12345,
     )
     result = compute_fid(extractor, reference, images, with_precision_recall=True)
     result["class_accuracy"] = class_accuracy(classifier, images, labels, offset)
     result["sampling_seconds"] = round(time.perf_counter() - started, 1)
-    if grid is not None:
-        order = torch.argsort(labels, stable=True)[:100]
-        save_image_grid(images[order], grid, nrow=10)
     return result
+
+
+def write_grid(run_dir: Path, args: argparse.Namespace, path: Path, per_class: int = 10) -> str:
+    """One row per class, ``per_class`` samples each, same noise seed for every run."""
+    transformer, vae, config = load_run(run_dir)
+    settings = sampling_settings(args)
+    labels = torch.arange(len(config["classes"])).repeat_interleave(per_class)
+    images = sample_dit(
+        transformer,
+        labels,
+        null_class=config["null_class"],
+        guidance_scale=settings.guidance_scale,
+        cfg_channels=settings.cfg_channels,
+        num_inference_steps=settings.num_inference_steps,
+        generator=torch.Generator().manual_seed(0),
+        vae=vae,
+    )
+    save_image_grid(images, path, nrow=per_class)
+    return str(path)
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     table = {}
     for arm, results in runs.items():
         row: dict[str, Any] = {"n": len(results)}
-        for key in ("fid", "precision", "recall", "class_accuracy", "train_seconds"):
+        for key in ("fid", "precision", "recall", "class_accuracy"):
             values = [r[key] for r in results]
             row[key] = {
                 "mean": statistics.fmean(values),
@@ -174,14 +201,18 @@ def markdown(report: dict[str, Any]) -> str:
             **report["setup"]
         ),
         "",
-        "| model | FID | precision | recall | samples read as the asked digit (%) | train s |",
-        "|---|---|---|---|---|---|",
+        "Arms: `finetune` (uniform t, no bank), `chain_of_forgetting` (t ~ (t+1) on the target, t ~ (1000-t) on "
+        "6 of 32 bank samples, retention weight 0.1), and two ablations with one ingredient each: "
+        "`timesteps_only` (the power-law t, no bank) and `bank_only` (uniform t, with the bank).",
+        "",
+        "| model | FID | precision | recall | samples read as the asked digit (%) |",
+        "|---|---|---|---|---|",
     ]
     for arm, row in report["table"].items():
         cells = [
             f"{row[k]['mean']:.2f} ± {row[k]['std']:.2f}" for k in ("fid", "precision", "recall", "class_accuracy")
         ]
-        lines.append(f"| {arm} (n={row['n']}) | " + " | ".join(cells) + f" | {row['train_seconds']['mean']:.0f} |")
+        lines.append(f"| {arm} (n={row['n']}) | " + " | ".join(cells) + " |")
     source = report["pretrained"]
     lines += [
         "",
@@ -189,7 +220,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"0-4 (what it was trained on) and {source['target']['fid']:.2f} against digits 5-9. The knowledge bank "
         f"holds {report['setup']['bank_images']} of its samples.",
         "",
-        "Sample grids (rows: classes 5..9, seed 0): " + ", ".join(f"`{Path(p).name}`" for p in report["grids"]) + ".",
+        "Sample grids (one row per class, the same noise for every model; seed-0 runs): "
+        + ", ".join(f"`{Path(p).name}`" for p in report["grids"])
+        + ".",
         "",
     ]
     return "\n".join(lines)
@@ -201,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir).resolve()
     output = Path(args.output)
-    grids_dir = output
-    grids_dir.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     # 1. data and the FID feature space
@@ -239,16 +271,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         model_name=str(pretrain_dir),
     )
-    pretrained = {
-        "source": score(pretrain_dir, args, extractor, classifier, source_test, 0, output / "pretrained_source.png"),
-        "target": score(pretrain_dir, args, extractor, classifier, target_test, 5, None),
-    }
+    pretrained_path = work / "pretrain_score.json"
+    if not pretrained_path.is_file():
+        atomic_write_json(
+            pretrained_path,
+            {
+                "source": score(pretrain_dir, args, extractor, classifier, source_test, 0),
+                "target": score(pretrain_dir, args, extractor, classifier, target_test, 5),
+            },
+        )
+    pretrained = read_json(pretrained_path)
 
-    # 3-4. transfer, both arms, every seed
-    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
-    grids = [str(output / "pretrained_source.png")]
+    # 3-4. transfer: every arm, every seed
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in args.arms}
     for seed in args.seeds:
-        for arm, config in ARMS.items():
+        for arm in args.arms:
+            config_name, uses_bank = ARMS[arm]
             run_dir = work / f"{arm}_seed{seed}"
             result_path = run_dir / "experiment_score.json"
             if not result_path.is_file():
@@ -256,20 +294,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "seed": seed,
                     "data_dir": work / "digits59",
                     "model_name_or_path": pretrain_dir,
+                    "bank_dir": bank_dir if uses_bank else "",
                     "grid_samples": 0,
                 }
-                if arm == "chain_of_forgetting":
-                    overrides["bank_dir"] = bank_dir
                 if args.transfer_steps:
                     overrides["max_steps"] = args.transfer_steps
-                recipe(CONFIGS / config, run_dir, overrides)
-                grid = output / f"{arm}_samples.png" if seed == args.seeds[0] else None
-                result = score(run_dir, args, extractor, classifier, target_test, 5, grid)
+                recipe(CONFIGS / config_name, run_dir, overrides)
+                result = score(run_dir, args, extractor, classifier, target_test, 5)
                 result["train_seconds"] = read_json(run_dir / "all_results.json")["train_runtime"]
                 atomic_write_json(result_path, result)
-            if seed == args.seeds[0]:
-                grids.append(str(output / f"{arm}_samples.png"))
             runs[arm].append(read_json(result_path))
+    grids = [write_grid(pretrain_dir, args, output / "pretrained_source.png")]
+    grids += [write_grid(work / f"{arm}_seed{args.seeds[0]}", args, output / f"{arm}_samples.png") for arm in args.arms]
 
     config = transformer.config
     report = {
@@ -281,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "hidden": config.num_attention_heads * config.attention_head_dim,
             "params": sum(p.numel() for p in transformer.parameters()),
             "pretrain_steps": args.pretrain_steps or config_value("dit_digits_pretrain.yaml", "max_steps"),
-            "transfer_steps": args.transfer_steps or config_value(ARMS["finetune"], "max_steps"),
+            "transfer_steps": args.transfer_steps or config_value(ARMS["finetune"][0], "max_steps"),
             "seeds": args.seeds,
             "num_samples": args.num_samples,
             "sampling_steps": args.sampling_steps,
