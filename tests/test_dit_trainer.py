@@ -317,3 +317,20 @@ def test_setup_errors_name_what_fits(tmp_path):
         )
     with pytest.raises(ValueError, match="cof_timesteps='linear'"):
         make_config(tmp_path, cof_timesteps="linear")
+
+
+def test_dit_xl2_256_with_the_sd_vae_fits_together():
+    """The reference pairing, checked on configs alone (2.7 GB of weights are not built here):
+    DiT-XL/2-256 (1000 classes + null, learned sigma, 32x32x4 latents) with sd-vae-ft-ema (/8)."""
+    from types import SimpleNamespace
+
+    from hf_tuning.diffusion import learns_sigma, null_class_of
+
+    dit = SimpleNamespace(
+        config=SimpleNamespace(in_channels=4, out_channels=8, sample_size=32, num_embeds_ada_norm=1000)
+    )
+    vae = SimpleNamespace(config=SimpleNamespace(latent_channels=4, block_out_channels=(128, 256, 512, 512)))
+    check_vae_matches(vae, dit, image_size=256, image_channels=3)
+    assert null_class_of(dit) == 1000 and learns_sigma(dit)
+    with pytest.raises(DiffusionSetupError, match="takes \\(4, 32, 32\\)"):
+        check_vae_matches(vae, dit, image_size=512, image_channels=3)

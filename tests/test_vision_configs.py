@@ -15,7 +15,7 @@ from tests.recipe_loader import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "image_classification_dt.py"
 CONFIG_DIR = ROOT / "recipes" / "configs"
-VISION_CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("agrimatech"))
+VISION_CONFIGS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith(("agrimatech", "dit_")))
 VARIANTS = ("ost", "dt1", "dt2", "dt3", "dt4")
 SWIN_FFT = {v: CONFIG_DIR / f"swin_base_22kto1k_{v}.yaml" for v in VARIANTS}
 SWIN_ADAPTER = {v: CONFIG_DIR / f"swin_base_22kto1k_adapter_{v}.yaml" for v in VARIANTS}
