@@ -26,6 +26,7 @@ from datasets_builders.vision import (
     ImageClassificationDataset,
     ImageDataError,
     ImageSplit,
+    _images_under,
     image_folder_split,
 )
 
@@ -142,18 +143,6 @@ def read_bank_metadata(bank_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _images_in(folder: Path) -> list[str]:
-    found = []
-    for current, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(
-            os.path.join(current, name)
-            for name in sorted(files)
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-        )
-    return found
-
-
 class KnowledgeBank(torch.utils.data.Dataset):
     """Samples of the pretrained model that the retention term replays, always with the null label.
 
@@ -189,7 +178,7 @@ class KnowledgeBank(torch.utils.data.Dataset):
                     f"{self.root / BANK_METADATA}: {len(missing)} listed image(s) are missing, e.g. {missing[0]}"
                 )
         else:
-            paths = _images_in(self.root)
+            paths = _images_under(self.root)
         if not paths:
             raise ImageDataError(
                 f"{self.root}: the knowledge bank has no images ({' '.join(IMAGE_EXTENSIONS)}); build one with "

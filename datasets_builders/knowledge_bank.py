@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from datasets_builders.diffusion import (
     BANK_CONFIG,
@@ -173,13 +172,6 @@ def _vae_identity(vae: torch.nn.Module | None) -> str | None:
     return os.path.abspath(os.path.expanduser(name)) if os.path.isdir(os.path.expanduser(name)) else name
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    if array.shape[0] == 1:
-        return Image.fromarray(array[0].numpy(), mode="L")
-    return Image.fromarray(array.permute(1, 2, 0).numpy(), mode="RGB")
-
-
 def build_knowledge_bank(
     transformer: torch.nn.Module,
     args: KnowledgeBankArguments,
@@ -191,8 +183,8 @@ def build_knowledge_bank(
 ) -> Path:
     """Sample the bank into ``args.output_dir``; returns the folder. ``stop_after`` ends the build
     after that many new images (to test resumption)."""
-    from hf_tuning.diffusion.models import null_class_of
-    from hf_tuning.diffusion.sampling import sample_dit
+    from hf_tuning.diffusion.models import null_class_of, vae_downscale
+    from hf_tuning.diffusion.sampling import sample_dit, to_pil_image
 
     root = Path(os.path.abspath(os.path.expanduser(args.output_dir)))
     null_class = null_class_of(transformer)
@@ -247,7 +239,7 @@ def build_knowledge_bank(
                 continue
             name = f"images/{index:06d}.png"
             with atomic_output(root / name) as tmp:
-                _to_pil(image).save(tmp, format="PNG")
+                to_pil_image(image).save(tmp, format="PNG")
             rows.append({"file_name": name, "label": label, "index": index})
         _append_rows(root / BANK_METADATA, rows)
         done += len(rows)
@@ -256,14 +248,9 @@ def build_knowledge_bank(
         if stop_after is not None and written >= stop_after:
             return root
     if args.cache_latents:
-        cache_bank_latents(root, vae, image_size=images_side(root), channels=3, device=device)
+        side = transformer.config.sample_size * vae_downscale(vae)  # the size the VAE decoded to
+        cache_bank_latents(root, vae, image_size=side, channels=3, device=device)
     return root
-
-
-def images_side(root: Path) -> int:
-    rows = read_bank_metadata(root)
-    with Image.open(root / rows[0]["file_name"]) as image:
-        return image.size[0]
 
 
 @torch.no_grad()

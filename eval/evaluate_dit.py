@@ -29,7 +29,7 @@ if str(_REPO_ROOT) not in sys.path:  # run as a script: make hf_tuning and eval 
 
 from eval.fid import compute_fid, iter_image_folder, load_feature_extractor  # noqa: E402
 from hf_tuning.diffusion.runs import SamplingArguments, load_run, sample_run  # noqa: E402
-from hf_tuning.diffusion.sampling import save_image_grid  # noqa: E402
+from hf_tuning.diffusion.sampling import save_image_grid, to_pil_image  # noqa: E402
 from hf_tuning.io import atomic_output, atomic_write_json  # noqa: E402
 
 __all__ = ["evaluate_run", "main", "parse_args", "write_samples"]
@@ -59,15 +59,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def write_samples(images: torch.Tensor, labels: torch.Tensor, folder: Path) -> None:
-    from PIL import Image
-
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-        array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
         path = folder / f"class_{int(label)}" / f"{index:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp:
-            Image.fromarray(array).save(tmp, format="PNG")
+            to_pil_image(image).save(tmp, format="PNG")
 
 
 def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:

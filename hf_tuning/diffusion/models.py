@@ -21,7 +21,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -37,7 +36,6 @@ __all__ = [
     "check_vae_matches",
     "disable_per_block_label_dropout",
     "vae_downscale",
-    "describe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -234,18 +232,3 @@ def disable_per_block_label_dropout(transformer: nn.Module) -> float:
     if not probabilities:
         raise DiffusionSetupError(f"{type(transformer).__name__} has no label embedders (LabelEmbedding)")
     return max(probabilities)
-
-
-def describe(transformer: nn.Module) -> dict[str, Any]:
-    config = transformer.config
-    return {
-        "num_layers": config.num_layers,
-        "hidden": config.num_attention_heads * config.attention_head_dim,
-        "patch_size": config.patch_size,
-        "sample_size": config.sample_size,
-        "in_channels": config.in_channels,
-        "learns_sigma": learns_sigma(transformer),
-        "label_rows": label_table_size(transformer),
-        "parameters": sum(p.numel() for p in transformer.parameters()),
-        "dtype": str(next(transformer.parameters()).dtype).replace("torch.", ""),
-    }

@@ -36,6 +36,7 @@ __all__ = [
     "dit_scheduler",
     "draw_class_labels",
     "save_image_grid",
+    "to_pil_image",
 ]
 
 SAMPLERS = ("ddpm", "ddim")
@@ -249,14 +250,21 @@ def draw_class_labels(num_samples: int, num_classes: int, generator: torch.Gener
     return torch.randint(0, num_classes, (num_samples,), generator=generator, device=device)
 
 
+def to_pil_image(image: torch.Tensor):
+    """One [0, 1] image (1 or 3, H, W) as an 8-bit PIL image (grey or RGB)."""
+    from PIL import Image
+
+    array = (image.detach().float().cpu().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    array = array.permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, padding: int = 2) -> Path:
     """Write [0, 1] images (N, 1 or 3, H, W) as one PNG grid, atomically so readers never see half a file.
 
     ``nrow`` images per row (default about sqrt(N)); the grid is
     ``(rows * (H + padding) + padding) x (nrow * (W + padding) + padding)`` pixels on black.
     """
-    from PIL import Image
-
     if images.ndim == 3:
         images = images.unsqueeze(0)
     if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
@@ -274,8 +282,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
         top = padding + (index // ncol) * (height + padding)
         left = padding + (index % ncol) * (width + padding)
         grid[:, top : top + height, left : left + width] = image
-    array = (grid * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    picture = Image.fromarray(array[:, :, 0] if channels == 1 else array)
+    picture = to_pil_image(grid)
     path = Path(path)
     with atomic_output(path) as tmp:
         picture.save(tmp, format="PNG")
