@@ -90,14 +90,15 @@ from benchmarks.bench_engine import (  # noqa: E402
 )
 from benchmarks.bench_sft import schedule  # noqa: E402
 from benchmarks.bench_vision import _read_commit  # noqa: E402
-from datasets_builders.diffusion import (  # noqa: E402
-    DiffusionDataArguments,
+from datasets_builders.diffusion import DiffusionDataArguments, load_target_dataset  # noqa: E402
+from datasets_builders.knowledge_bank import cache_bank_latents  # noqa: E402
+from hf_tuning.diffusion import (  # noqa: E402
+    ChainOfForgettingConfig,
+    ChainOfForgettingTrainer,
     KnowledgeBank,
     bank_batch_size,
-    load_target_dataset,
+    check_vae_matches,
 )
-from datasets_builders.knowledge_bank import cache_bank_latents  # noqa: E402
-from hf_tuning.diffusion import ChainOfForgettingConfig, ChainOfForgettingTrainer, check_vae_matches  # noqa: E402
 from hf_tuning.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULT_STEM = "bench_dit"

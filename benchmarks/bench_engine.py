@@ -66,7 +66,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_tuning.sft import StagedSFTConfig, StagedSFTTrainer  # noqa: E402
+from hf_tuning.llm.sft import StagedSFTConfig, StagedSFTTrainer  # noqa: E402
 
 RESULT_STEM = "bench_engine_cpu"
 MIB = 1024**2

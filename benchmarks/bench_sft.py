@@ -279,8 +279,8 @@ def make_step_timer(counter: CountingCollator, cuda: bool) -> Any:
 def load_data_and_tokenizer() -> tuple[Any, Any]:
     """The AgriMachine sample's train split (``messages``) and the SmolLM2 tokenizer with the training template."""
     from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrimachine_dataset
-    from hf_tuning.chat_templates import apply_training_chat_template
-    from hf_tuning.models import load_tokenizer
+    from hf_tuning.llm.chat_templates import apply_training_chat_template
+    from hf_tuning.llm.loading import load_tokenizer
 
     tokenizer = load_tokenizer(SMOLLM2)
     apply_training_chat_template(tokenizer, "chatml")
@@ -293,7 +293,7 @@ def build_model(name: str, tokenizer: Any, device: str, seed: int) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from hf_tuning.models import load_causal_lm
+    from hf_tuning.llm.loading import load_causal_lm
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if name == "smollm2":

@@ -243,7 +243,7 @@ def heldout_conversations(s: ExperimentSettings) -> list[list[dict[str, Any]]]:
 
 def stop_tokens(s: ExperimentSettings, tokenizer: Any) -> list[str]:
     """The training template's end-of-turn token: generation must stop on it."""
-    from hf_tuning.chat_templates import detect_template_name, end_of_turn_token
+    from hf_tuning.llm.chat_templates import detect_template_name, end_of_turn_token
 
     name = recipe_yaml(s).get("chat_template", "auto")
     return [end_of_turn_token(tokenizer, detect_template_name(tokenizer) if name == "auto" else name)]
@@ -288,17 +288,17 @@ def run_trained(s: ExperimentSettings, run: RunSpec) -> dict[str, Any]:
     result = recipe.main(recipe_argv(s, run))
     train_wall = time.perf_counter() - t0
     trainer = result["trainer"]
-    records = trainer.stage_callback.records
+    records = trainer.stage_records
     evaluation = evaluate(s, trainer.model, trainer.processing_class)
-    stage_steps = [r["steps"] for r in records]
+    stage_steps = [r.steps for r in records]
     return {
         "stages": len(trainer.stage_plan),
-        "train_steps": records[-1]["end_step"] if records else 0,
+        "train_steps": records[-1].end_step if records else 0,
         "stage_steps": stage_steps,
         "warmup_steps_arg": trainer.args.warmup_steps,
         # the schedule restarts per stage, and a warm-up's first step has LR 0: those steps do not train
         "zero_lr_steps": sum(1 for n in stage_steps if trainer.args.get_warmup_steps(n) > 0),
-        "stage_final_train_loss": [r["final_train_loss"] for r in records],
+        "stage_final_train_loss": [r.final_train_loss for r in records],
         "train_loss": result["train"].get("train_loss"),
         "train_runtime_s": result["train"].get("train_runtime"),
         "recipe_wall_s": train_wall,
@@ -309,8 +309,8 @@ def run_trained(s: ExperimentSettings, run: RunSpec) -> dict[str, Any]:
 
 def run_base(s: ExperimentSettings) -> dict[str, Any]:
     """The untuned model, loaded and prompted the way the recipe sets it up."""
-    from hf_tuning.chat_templates import apply_training_chat_template
-    from hf_tuning.models import load_causal_lm, load_tokenizer
+    from hf_tuning.llm.chat_templates import apply_training_chat_template
+    from hf_tuning.llm.loading import load_causal_lm, load_tokenizer
 
     config = recipe_yaml(s)
     name, gguf = config["model_name_or_path"], config.get("gguf_file")

@@ -135,7 +135,7 @@ def transfer(recipe, arch: str, mode: str, variant: str, budget: str, seed: int,
             argv += [f"--{key}", str(value)]
         start = time.perf_counter()
         result = recipe.main(argv)
-        records = result["trainer"].stage_callback.records
+        records = result["trainer"].stage_records
         return {
             "arch": arch,
             "mode": mode,
@@ -144,7 +144,7 @@ def transfer(recipe, arch: str, mode: str, variant: str, budget: str, seed: int,
             "seed": seed,
             "test_top1": result["eval"]["eval_top1"],
             "test_loss": result["eval"]["eval_loss"],
-            "steps": sum(r["steps"] for r in records),
+            "steps": sum(r.steps for r in records),
             "stages": len(records),
             "wall_seconds": time.perf_counter() - start,
         }

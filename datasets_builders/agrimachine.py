@@ -13,9 +13,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from datasets_builders.instruction_formats import (
     build_instruction_dataset,
     looks_like_hub_id,
 )
+from hf_tuning.io import atomic_directory
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -171,33 +170,11 @@ def save_dataset(dataset: DatasetDict, output_dir: str | os.PathLike, report: Bu
     partial folder, and a failed save leaves the previous one untouched. The report goes in as
     ``build_report.json``."""
     target = Path(output_dir)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_directory(target) as staging:
         dataset.save_to_disk(str(staging))
         if report is not None:
             (staging / "build_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        _replace_folder(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move an existing ``target`` aside, rename ``new`` into place, then delete the old one."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except OSError:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def push_dataset(dataset: DatasetDict, repo_id: str, private: bool = False, token: str | None = None) -> Any:

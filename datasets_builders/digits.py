@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from hf_tuning.io import atomic_write_json
+from hf_tuning.io import atomic_directory, atomic_write_json
 
 __all__ = ["MANIFEST_NAME", "SPLITS", "DigitsExportError", "export_digits", "main"]
 
@@ -168,32 +166,25 @@ def export_digits(
     if empty:
         raise ValueError(f"the split leaves no images in {', '.join(empty)}; use larger test_fraction/val_fraction")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        for split, idx in splits.items():
-            for d in chosen:
-                (staging / split / f"digit_{d}").mkdir(parents=True)
-            for i in idx:
-                path = staging / split / f"digit_{int(targets[i])}" / f"{int(i)}.png"
-                Image.fromarray(_to_png_array(images[i], int(scale))).save(path, format="PNG")
-        sizes = {split: int(len(idx)) for split, idx in splits.items()}
-        atomic_write_json(
-            staging / MANIFEST_NAME,
-            {**parameters, "sizes": sizes, "counts": counts, "sklearn_version": sklearn.__version__},
-        )
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process finished the same export first: accept it if it matches, else report it.
-            recorded = _existing_counts(target, parameters)
-            if recorded is None:
-                raise
-            return recorded
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_directory(target, overwrite=False) as staging:
+            for split, idx in splits.items():
+                for d in chosen:
+                    (staging / split / f"digit_{d}").mkdir(parents=True)
+                for i in idx:
+                    path = staging / split / f"digit_{int(targets[i])}" / f"{int(i)}.png"
+                    Image.fromarray(_to_png_array(images[i], int(scale))).save(path, format="PNG")
+            sizes = {split: int(len(idx)) for split, idx in splits.items()}
+            atomic_write_json(
+                staging / MANIFEST_NAME,
+                {**parameters, "sizes": sizes, "counts": counts, "sklearn_version": sklearn.__version__},
+            )
+    except FileExistsError:
+        # Another process finished the same export first: accept it if it matches, else report it.
+        recorded = _existing_counts(target, parameters)
+        if recorded is None:
+            raise
+        return recorded
     return sizes
 
 

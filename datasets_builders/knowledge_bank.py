@@ -31,12 +31,7 @@ from typing import Any
 
 import torch
 
-from datasets_builders.diffusion import (
-    BANK_CONFIG,
-    BANK_LATENTS,
-    BANK_METADATA,
-    read_bank_metadata,
-)
+from hf_tuning.diffusion.knowledge_bank import BANK_CONFIG, BANK_LATENTS, BANK_METADATA, read_bank_metadata
 from hf_tuning.io import atomic_output, atomic_write_json, read_json
 
 __all__ = ["KnowledgeBankArguments", "KnowledgeBankError", "bank_labels", "build_knowledge_bank", "cache_bank_latents"]
@@ -183,7 +178,7 @@ def build_knowledge_bank(
 ) -> Path:
     """Sample the bank into ``args.output_dir``; returns the folder. ``stop_after`` ends the build
     after that many new images (to test resumption)."""
-    from hf_tuning.diffusion.models import null_class_of, vae_downscale
+    from hf_tuning.diffusion.loading import null_class_of, vae_downscale
     from hf_tuning.diffusion.sampling import sample_dit, to_pil_image
 
     root = Path(os.path.abspath(os.path.expanduser(args.output_dir)))
@@ -267,7 +262,7 @@ def cache_bank_latents(
     its mirror image, in metadata order. Training samples a fresh latent from them each time."""
     from safetensors.torch import save_file
 
-    from datasets_builders.diffusion import KnowledgeBank
+    from hf_tuning.diffusion.knowledge_bank import KnowledgeBank
 
     root = Path(bank_dir)
     bank = KnowledgeBank(root, image_size=image_size, channels=channels, random_flip=False, use_cached_latents=False)
@@ -297,7 +292,7 @@ def _model_name(model_args: Any) -> str:
 def main(argv: list[str] | None = None) -> Path:
     from transformers import HfArgumentParser
 
-    from hf_tuning.diffusion.models import DiTModelArguments, load_dit, load_vae
+    from hf_tuning.diffusion.loading import DiTModelArguments, load_dit, load_vae
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = HfArgumentParser((DiTModelArguments, KnowledgeBankArguments))

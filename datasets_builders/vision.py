@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from hf_tuning.io import IMAGE_EXTENSIONS, ImageDataError, is_image_file, list_image_files, read_image
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "VTAB_TASKS",
@@ -45,7 +47,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_LISTED_PROBLEMS = 20
 
 VTAB_TASKS: dict[str, int] = {
@@ -123,10 +124,6 @@ FGVC_SPLITS = ("train", "val", "test")
 FEW_SHOT_SPLITS = ("train", "val", "test")
 
 
-class ImageDataError(ValueError):
-    """Image data that cannot be used as given; the message names the file (and line) and what is expected."""
-
-
 @dataclass
 class ImageSplit:
     """One split: ``(absolute image path, 0-based label)`` pairs and the class names, index = label."""
@@ -190,25 +187,12 @@ def _parse_label(text: str) -> int | None:
         return None
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # ImageNet-style folders
 
 
 def _subfolders(path: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
-
-
-def _images_under(folder: Path) -> list[str]:
-    """Image files anywhere below ``folder`` (like torchvision's ImageFolder), in a stable sorted order."""
-    found: list[str] = []
-    for current, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(current, name) for name in sorted(files) if _is_image(name))
-    return found
 
 
 def image_folder_split(root: str | os.PathLike, split: str, *, classes: Sequence[str] | None = None) -> ImageSplit:
@@ -229,7 +213,7 @@ def image_folder_split(root: str | os.PathLike, split: str, *, classes: Sequence
         )
     folders = _subfolders(split_dir)
     if not folders:
-        loose = [name for name in os.listdir(split_dir) if _is_image(name)]
+        loose = [name for name in os.listdir(split_dir) if is_image_file(name)]
         hint = f" ({len(loose)} image(s) lie directly in it; move them into class folders)" if loose else ""
         raise ImageDataError(f"{split_dir}: no class folders{hint}; expected {split_dir}/<class_name>/<images>")
     if classes is None:
@@ -248,7 +232,7 @@ def image_folder_split(root: str | os.PathLike, split: str, *, classes: Sequence
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     for name in folders:
-        images = _images_under(split_dir / name)
+        images = list_image_files(split_dir / name)
         if not images:
             empty.append(f"{split_dir / name}: class folder {name!r} has no image files ({' '.join(IMAGE_EXTENSIONS)})")
         samples.extend((path, index[name]) for path in images)
@@ -473,14 +457,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         if cached is not None:
             return cached
         path, _ = self.split.samples[index]
-        try:
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ImageDataError(
-                f"{path}: cannot open image (sample {index} of {self.split.source}): {exc}; expected a readable "
-                "image file"
-            ) from exc
+        image = read_image(path, context=f"sample {index} of {self.split.source}")
         if self.cache_images:
             self._cache[index] = image
         return image

@@ -26,16 +26,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:  # run as a script: make hf_tuning, datasets_builders and eval importable
-    sys.path.insert(0, str(_REPO_ROOT))
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from hf_tuning.io import atomic_output, atomic_write_json, read_json  # noqa: E402
+from hf_tuning.io import atomic_output, atomic_write_json, read_json
 
 __all__ = [
     "CONFIG_NAME",

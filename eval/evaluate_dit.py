@@ -23,14 +23,10 @@ from typing import Any
 
 import torch
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:  # run as a script: make hf_tuning and eval importable
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from eval.fid import compute_fid, iter_image_folder, load_feature_extractor  # noqa: E402
-from hf_tuning.diffusion.runs import SamplingArguments, load_run, sample_run  # noqa: E402
-from hf_tuning.diffusion.sampling import save_image_grid, to_pil_image  # noqa: E402
-from hf_tuning.io import atomic_output, atomic_write_json  # noqa: E402
+from eval.fid import compute_fid, iter_image_folder, load_feature_extractor
+from hf_tuning.diffusion.runs import SamplingArguments, load_run, sample_run
+from hf_tuning.diffusion.sampling import save_image_grid, to_pil_image
+from hf_tuning.io import atomic_output, atomic_write_json
 
 __all__ = ["evaluate_run", "main", "parse_args", "write_samples"]
 

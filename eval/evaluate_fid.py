@@ -16,17 +16,12 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:  # run as a script: make hf_tuning and eval importable
-    sys.path.insert(0, str(_REPO_ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from eval.fid import KINDS, compute_fid, iter_image_folder, load_feature_extractor  # noqa: E402
-from hf_tuning.io import atomic_write_json  # noqa: E402
+from eval.fid import KINDS, compute_fid, iter_image_folder, load_feature_extractor
+from hf_tuning.io import atomic_write_json
 
 __all__ = ["evaluate_fid", "main", "parse_args"]
 

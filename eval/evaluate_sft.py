@@ -25,16 +25,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:  # run as a script: make hf_tuning and datasets_builders importable
-    sys.path.insert(0, str(_REPO_ROOT))
+import evaluate
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-import evaluate  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from hf_tuning.io import atomic_write_json, atomic_write_text  # noqa: E402
+from hf_tuning.io import atomic_write_json, atomic_write_text
 
 __all__ = [
     "evaluate_models",
@@ -199,7 +195,7 @@ def require_generation_markers(tokenizer) -> None:
         raise ValueError(
             "the tokenizer's chat template has no {% generation %} ... {% endgeneration %} markers around the "
             "assistant replies, so the held-out loss cannot find the assistant tokens. Set a training template "
-            "first: hf_tuning.chat_templates.apply_training_chat_template(tokenizer)."
+            "first: hf_tuning.llm.chat_templates.apply_training_chat_template(tokenizer)."
         )
 
 
@@ -534,9 +530,9 @@ def print_summary(results: dict[str, Any], show: int, json_path: Path, md_path: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from hf_tuning.chat_templates import apply_training_chat_template, end_of_turn_token
-    from hf_tuning.model_card import CARD_FILE
-    from hf_tuning.models import load_causal_lm, load_tokenizer
+    from hf_tuning.llm.chat_templates import apply_training_chat_template, end_of_turn_token
+    from hf_tuning.llm.loading import load_causal_lm, load_tokenizer
+    from hf_tuning.llm.model_card import CARD_FILE
 
     adapter = args.adapter
     conversations = load_conversations(args.dataset_name_or_path, args.split, args.num_examples)
@@ -577,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def update_card(card_path: Path, tuned: dict[str, Any], num_examples: int) -> None:
     """Record the tuned model's held-out scores in the adapter's model card (model-index + table)."""
-    from hf_tuning.model_card import update_eval_results
+    from hf_tuning.llm.model_card import update_eval_results
 
     results = {"test_loss": tuned["loss"], "test_perplexity": tuned["perplexity"]}
     results.update({key: tuned[key] for key in ("rouge1", "rouge2", "rougeL", "bleu") if key in tuned})

@@ -22,14 +22,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:  # run as a script: make hf_tuning, datasets_builders and eval importable
-    sys.path.insert(0, str(_REPO_ROOT))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from eval.vision_metrics import (  # noqa: E402
+from eval.vision_metrics import (
     canonical_vtab_task,
     classification_metrics,
     format_vision_report,
@@ -37,7 +33,7 @@ from eval.vision_metrics import (  # noqa: E402
     vtab_aggregate,
     vtab_group_of,
 )
-from hf_tuning.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from hf_tuning.io import atomic_write_json, atomic_write_text, read_json
 
 __all__ = [
     "collect_logits",

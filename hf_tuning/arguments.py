@@ -1,4 +1,4 @@
-"""Training arguments for staged subspace tuning (the TRL variant lives in :mod:`hf_tuning.sft`)."""
+"""Training arguments for staged subspace tuning (the TRL variant lives in :mod:`hf_tuning.llm.sft`)."""
 
 from __future__ import annotations
 

@@ -3,16 +3,22 @@
 A family says where a model keeps its stack of blocks (a ``ModuleList``/``Sequential`` whose
 path ends with ``container``) and which class names its blocks have. Hierarchical models
 (Swin, ConvNeXt) keep a stack of *stages*, each holding its own block stack under
-``stage_blocks``. The vision and DiT work registers their families with
-:func:`register_block_family` without touching the partitioner.
+``stage_blocks``.
+
+This module holds the registry and the search only. The families themselves are declared by the
+domain packages (:mod:`hf_tuning.llm.families`, :mod:`hf_tuning.vision.families`,
+:mod:`hf_tuning.diffusion.families`) with :func:`register_block_family`, and users add their own
+the same way; the partitioner never changes for a new architecture.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is searched, so registering a family stays cheap
+    from torch import nn
 
 __all__ = [
     "BlockFamily",
@@ -104,109 +110,13 @@ def registered_block_families() -> list[BlockFamily]:
     return list(_REGISTRY)
 
 
-register_block_family(
-    BlockFamily(
-        name="decoder_layers",
-        container="layers",
-        block_class=r"DecoderLayer$",
-        description="LLaMA, Mistral, Qwen2/3, Gemma, Phi-3 and other `model.layers.N` decoders",
-    )
-)
-register_block_family(
-    BlockFamily(
-        name="bert_encoder",
-        container=r"encoder\.layer",
-        block_class=r"Layer$",
-        description="BERT, RoBERTa, XLM-R, ELECTRA and other `encoder.layer.N` encoders",
-    )
-)
-register_block_family(
-    BlockFamily(
-        name="gpt2_blocks",
-        container=r"h",
-        block_class=r"Block$",
-        description="GPT-2, GPT-J, GPT-Neo and other `transformer.h.N` decoders",
-    )
-)
-
-
-# Vision families. The hierarchical ones come before ``timm_vit``: a Swin stage also holds a
-# ``blocks`` stack, and the first family that matches wins.
-register_block_family(
-    BlockFamily(
-        name="timm_swin",
-        container="layers",
-        block_class=r"SwinTransformer(V2)?Stage$",
-        stage_blocks="blocks",
-        downsample_with_previous_stage=True,
-        description="timm Swin / SwinV2: `layers.S.blocks.B`; `layers.S.downsample` opens stage S",
-    )
-)
-register_block_family(
-    BlockFamily(
-        name="timm_convnext",
-        container="stages",
-        block_class=r"ConvNeXtStage$",
-        stage_blocks="blocks",
-        downsample_with_previous_stage=True,
-        stem_in_every_stage=True,
-        description="timm ConvNeXt: `stages.S.blocks.B`; the stem is trained in every stage (the paper)",
-    )
-)
-register_block_family(
-    BlockFamily(
-        name="hf_swin",
-        container=r"encoder\.layers",
-        block_class=r"Swin(v2)?Stage$",
-        stage_blocks="blocks",
-        description="transformers Swin / Swinv2: `encoder.layers.S.blocks.B`; the downsample closes stage S",
-    )
-)
-register_block_family(
-    BlockFamily(
-        name="hf_convnext",
-        container=r"encoder\.stages",
-        block_class=r"ConvNext(V2)?Stage$",
-        stage_blocks="layers",
-        downsample_with_previous_stage=True,
-        stem_in_every_stage=True,
-        description="transformers ConvNeXt / ConvNeXtV2: `encoder.stages.S.layers.B`",
-    )
-)
-register_block_family(
-    BlockFamily(
-        name="hf_vit",
-        container="layers",
-        block_class=r"(?<!Decoder)Layer$",
-        description="transformers ViT, DeiT, DINOv2 and other `vit.layers.N` encoders",
-    )
-)
-register_block_family(
-    BlockFamily(
-        name="timm_vit",
-        container="blocks",
-        block_class=r"Block$",
-        description="timm ViT, DeiT, EVA and other isotropic `blocks.N` models",
-    )
-)
-
-# Diffusion transformers. diffusers' DiT keeps a copy of the timestep/label embedder inside every
-# block (``transformer_blocks.N.norm1.emb``), so each copy is staged with its block.
-register_block_family(
-    BlockFamily(
-        name="diffusers_dit",
-        container="transformer_blocks",
-        block_class=r"BasicTransformerBlock$",
-        description="diffusers DiTTransformer2DModel / PixArt: `transformer_blocks.N`",
-    )
-)
-
-
 def _strip_prefix(path: str) -> str:
     return f"{path}." if path else ""
 
 
 def _candidate_stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from torch import nn
+
     return [
         (path, module)
         for path, module in model.named_modules()

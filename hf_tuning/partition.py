@@ -1,6 +1,6 @@
 """Split a model's trainable parameters into ordered subspaces (the paper's P0..P(N-1)).
 
-Membership rules (Diffusion Tuning, section 2 of our notes):
+Membership rules (``docs/dt_variants.md`` explains them, per architecture):
 
 * ``adjacent``: N contiguous depth groups of near-equal size (one group per stage for
   hierarchical models). Input-side parameters (embeddings, stem) belong to the first group

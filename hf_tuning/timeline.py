@@ -7,17 +7,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hf_tuning.io import atomic_output
+from hf_tuning.records import StageRecord
 
-__all__ = ["plot_stage_timeline"]
+__all__ = ["TIMELINE_FILE", "plot_stage_timeline"]
+
+TIMELINE_FILE = "dt_timeline.png"
 
 
 def plot_stage_timeline(
-    stages: Sequence[dict], log_history: Sequence[dict], path: str | os.PathLike, title: str = ""
+    stages: Sequence[StageRecord], log_history: Sequence[dict], path: str | os.PathLike, title: str = ""
 ) -> Path:
-    """Draw the loss curve with one shaded band per stage, labelled with the groups it trains.
+    """Draw the loss curve with one shaded band per finished stage, labelled with its name.
 
-    ``stages`` are the records of ``dt_stages.json`` (``start_step``, ``end_step``, ``name``,
-    ``groups``); ``log_history`` entries carry ``step`` and ``loss`` / ``eval_loss``.
+    ``log_history`` entries carry the global ``step`` and ``loss`` / ``eval_loss``.
     """
     import matplotlib
 
@@ -28,9 +30,9 @@ def plot_stage_timeline(
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     colours = plt.get_cmap("tab10")
     for stage in stages:
-        start, end = stage["start_step"], max(stage["end_step"], stage["start_step"] + 1e-9)
-        ax.axvspan(start, end, color=colours(stage["index"] % 10), alpha=0.12, linewidth=0)
-        label = f"S{stage['index']}: {stage['name']}"
+        start, end = stage.start_step, max(stage.end_step, stage.start_step + 1e-9)
+        ax.axvspan(start, end, color=colours(stage.index % 10), alpha=0.12, linewidth=0)
+        label = f"S{stage.index}: {stage.name}"
         ax.text(
             (start + end) / 2,
             1.0,

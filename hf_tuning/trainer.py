@@ -36,7 +36,9 @@ from hf_tuning.deepspeed_checks import check_deepspeed_config
 from hf_tuning.deepspeed_resume import restore_frozen_weights
 from hf_tuning.families import BlocksNotFoundError, find_block_stack
 from hf_tuning.io import atomic_write_json, read_json
+from hf_tuning.records import STAGES_FILE, StageRecord, stage_report, step_offset
 from hf_tuning.stages import Stage, StagePlan, build_stage_plan
+from hf_tuning.timeline import TIMELINE_FILE, plot_stage_timeline
 
 __all__ = ["StagedTrainerMixin", "StagedTrainer", "STATE_FILE", "stage_dir_name", "find_last_staged_checkpoint"]
 
@@ -114,18 +116,15 @@ class StagedTrainerMixin:
         except BlocksNotFoundError:
             prefixes = []  # regex groups on an unregistered family: backward-stop is not applied
         self._backward = BackwardStopper(self.model, prefixes)
-        self.stage_callback = StagedTuningCallback(
-            self.stage_plan,
-            settings={
-                "budget": targs.dt_budget,
-                "stage_init": targs.dt_stage_init,
-                "num_groups": targs.dt_num_groups,
-            },
-            backward=self._backward,
-        )
+        self.stage_callback = StagedTuningCallback(backward=self._backward)
         self.add_callback(self.stage_callback)
+        self.stage_records: list[StageRecord] = []  # one per finished stage, in order
         self._active_stage: Stage | None = None
-        self._step_offset = 0
+
+    @property
+    def _step_offset(self) -> int:
+        """Global step at which the running stage started (the end of the last finished one)."""
+        return step_offset(self.stage_records)
 
     # ---------------------------------------------------------------------------------------
     # Training loop over stages
@@ -170,7 +169,6 @@ class StagedTrainerMixin:
     def _enter_stage(self, stage: Stage, max_steps: int | None) -> None:
         args = self.args
         self._active_stage = stage
-        self._step_offset = self.stage_callback.records[-1]["end_step"] if self.stage_callback.records else 0
         if max_steps is not None:
             args.max_steps = max_steps
         self._apply_stage_mask(stage)
@@ -184,7 +182,7 @@ class StagedTrainerMixin:
             config.update(copy.deepcopy(self._pristine_ds_config))
         gc.collect()
         self.state = TrainerState()  # the finished stage's state; train() makes a fresh one anyway
-        self.stage_callback.begin_stage(stage, self._step_offset)
+        self.stage_callback.begin_stage(stage)
         logger.info(
             "dt stage %d/%d (%s): %s trainable parameters, groups %s",
             stage.index + 1,
@@ -206,19 +204,68 @@ class StagedTrainerMixin:
         self.args.data_seed = self.accelerator.dataloader_config.data_seed = seed
 
     def _leave_stage(self, stage: Stage, output: TrainOutput) -> None:
-        record = self.stage_callback.records[-1]
-        if self.state.global_step > self._initial_global_step:  # else: resumed at its end, nothing trained now
-            record["train_loss_mean"] = output.training_loss
+        record = self._stage_record(stage, output)
+        # logged while the stage is still the last unfinished one, so the log's global step is its end
         self.log(
             {
                 "dt/stage_end": stage.index,
                 **({"dt/stage_train_loss": output.training_loss} if output.training_loss is not None else {}),
-                **({"dt/stage_best_metric": record["best_metric"]} if record["best_metric"] is not None else {}),
+                **({"dt/stage_best_metric": record.best_metric} if record.best_metric is not None else {}),
             }
         )
-        self._step_offset = record["end_step"]
+        self.stage_records.append(record)
         if self.args.should_save:
-            self.stage_callback.write(self.args.output_dir, complete=stage.index == len(self.stage_plan) - 1)
+            self._write_stage_report(complete=stage.index == len(self.stage_plan) - 1)
+
+    def _stage_record(self, stage: Stage, output: TrainOutput) -> StageRecord:
+        """What the stage that just ended did, from its TrainerState, its output and its log entries."""
+        entries = self.stage_callback.stage_entries(stage.index)
+        losses = [entry["loss"] for entry in entries if "loss" in entry]
+        best, metric = self.state.best_metric, self.args.metric_for_best_model
+        eval_losses = [entry["eval_loss"] for entry in entries if "eval_loss" in entry]
+        if best is None and eval_losses:
+            best, metric = min(eval_losses), "eval_loss"
+        trained_now = self.state.global_step > self._initial_global_step  # else: resumed at its end
+        return StageRecord(
+            index=stage.index,
+            name=stage.name,
+            groups=stage.groups,
+            trainable_params=stage.num_params,
+            steps=self.state.global_step,
+            planned_steps=self.state.max_steps,
+            start_step=self._step_offset,
+            final_train_loss=losses[-1] if losses else None,
+            train_loss_mean=output.training_loss if trained_now else None,
+            best_metric=best,
+            metric_for_best_model=metric,
+            best_checkpoint=self.state.best_model_checkpoint,
+            runtime_s=round(self.stage_callback.runtime_s, 3),
+            backward_stops_at_block=self.stage_callback.lowest_block,
+        )
+
+    def stage_report(self, complete: bool = True) -> dict[str, Any]:
+        """The content of ``dt_stages.json``: the plan, the ``dt_*`` settings and the finished stages."""
+        settings = {
+            "budget": self.args.dt_budget,
+            "stage_init": self.args.dt_stage_init,
+            "num_groups": self.args.dt_num_groups,
+        }
+        return stage_report(self.stage_plan, settings, self.stage_records, complete=complete)
+
+    def _write_stage_report(self, complete: bool) -> None:
+        """``dt_stages.json`` and ``dt_timeline.png``, after every stage: a crash never loses the report of
+        the stages already finished."""
+        output_dir = Path(self.args.output_dir)
+        atomic_write_json(output_dir / STAGES_FILE, self.stage_report(complete))
+        try:
+            plot_stage_timeline(
+                self.stage_records,
+                self.stage_callback.log_history,
+                output_dir / TIMELINE_FILE,
+                title=f"{self.stage_plan.variant} ({len(self.stage_plan)} stages)",
+            )
+        except Exception as err:  # a plotting failure must never cost the run
+            logger.warning("could not draw %s: %s", TIMELINE_FILE, err)
 
     def _apply_stage_mask(self, stage: Stage) -> None:
         active = set(stage.params)
@@ -300,7 +347,6 @@ class StagedTrainerMixin:
         if self._active_stage is None or not self.args.should_save:
             return
         folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-        callback = self.stage_callback
         atomic_write_json(
             folder / STATE_FILE,
             {
@@ -308,15 +354,15 @@ class StagedTrainerMixin:
                 "fingerprint": self.stage_plan.fingerprint,
                 "stage_index": self._active_stage.index,
                 "stage_name": self._active_stage.name,
-                "step_offset": self._step_offset,
-                "completed_stages": callback.records,
-                "completed_log_history": callback.log_history,
+                "completed_stages": [record.to_dict() for record in self.stage_records],
+                "completed_log_history": self.stage_callback.log_history,
             },
         )
 
     def _resolve_resume(self, resume: str | bool | None) -> tuple[str | None, int]:
         if resume is None or resume is False:
-            self.stage_callback.restore([], [])
+            self.stage_records = []
+            self.stage_callback.restore([])
             return None, 0
         if resume is True:
             checkpoint = find_last_staged_checkpoint(self.args.output_dir)
@@ -340,15 +386,14 @@ class StagedTrainerMixin:
                 f"{saved['fingerprint']}) than this run's ({self.stage_plan.variant}, "
                 f"{self.stage_plan.fingerprint}); resume with the same dt_* arguments and model"
             )
-        self.stage_callback.restore(saved["completed_stages"], saved["completed_log_history"])
+        self.stage_records = [StageRecord.from_dict(record) for record in saved["completed_stages"]]
+        self.stage_callback.restore(saved["completed_log_history"])
         logger.info("resuming staged run at stage %d from %s", saved["stage_index"], checkpoint)
         return checkpoint, int(saved["stage_index"])
 
     def _combined_output(self, outputs: list[TrainOutput]) -> TrainOutput:
-        records = self.stage_callback.records
-        total_steps = records[-1]["end_step"] if records else 0
-        weighted = [(r.get("train_loss_mean"), r["steps"]) for r in records]
-        weighted = [(loss, steps) for loss, steps in weighted if loss is not None]
+        total_steps = self._step_offset
+        weighted = [(r.train_loss_mean, r.steps) for r in self.stage_records if r.train_loss_mean is not None]
         steps = sum(s for _, s in weighted)
         loss = sum(value * n for value, n in weighted) / steps if steps else 0.0
         metrics: dict[str, Any] = dict(outputs[-1].metrics) if outputs else {}

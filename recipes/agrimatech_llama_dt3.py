@@ -18,23 +18,20 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # datasets_builders, when run from a checkout
-
-from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrimachine_dataset, push_dataset  # noqa: E402
-from datasets_builders.instruction_formats import looks_like_hub_id  # noqa: E402
-from hf_tuning import StagedSFTConfig, StagedSFTTrainer  # noqa: E402
-from hf_tuning.chat_templates import apply_training_chat_template, end_of_turn_token  # noqa: E402
-from hf_tuning.hub import push_output_dir  # noqa: E402
-from hf_tuning.model_card import write_model_card  # noqa: E402
-from hf_tuning.models import check_model_exists, kbit_device_map, load_causal_lm, load_tokenizer  # noqa: E402
-from hf_tuning.precision import torch_dtype_for  # noqa: E402
+from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrimachine_dataset, push_dataset
+from datasets_builders.instruction_formats import looks_like_hub_id
+from hf_tuning import StagedSFTConfig, StagedSFTTrainer
+from hf_tuning.hub import push_output_dir
+from hf_tuning.llm.chat_templates import apply_training_chat_template, stop_token_ids
+from hf_tuning.llm.loading import check_model_exists, kbit_device_map, load_causal_lm, load_tokenizer
+from hf_tuning.llm.model_card import write_model_card
+from hf_tuning.precision import torch_dtype_for
 
 logger = logging.getLogger("agrimatech")
 
@@ -106,8 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         attn_implementation=model_args.attn_implementation,
     )
     model.config._name_or_path = model.name_or_path = base_model_id  # what adapter_config.json records
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer, template))}
-    model.generation_config.eos_token_id = sorted(i for i in stop_ids if i is not None)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, template, generation_config=model.generation_config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # The recipe pushes the finished output folder once, never the per-stage checkpoints.
@@ -140,7 +136,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             output_dir,
             model_name=training_args.hub_model_id or output_dir.name,
             base_model=base_model_id,
-            dt_report=trainer.stage_callback.report(complete=True),
+            stage_plan=trainer.stage_plan,
+            stage_records=trainer.stage_records,
+            dt_budget=training_args.dt_budget,
             hyperparameters=_hyperparameters(training_args, model_args, template),
             datasets=[data_args.resolved_source()] if _is_hub_dataset(data_args) else [],
             dataset_description=f"Training data: {report.summary()}",

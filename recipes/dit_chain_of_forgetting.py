@@ -20,7 +20,6 @@ The steps:
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,13 @@ from typing import Any
 from transformers import set_seed
 from trl import TrlParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # datasets_builders, when run from a checkout
-
-from datasets_builders.diffusion import DiffusionDataArguments, KnowledgeBank, load_target_dataset  # noqa: E402
-from hf_tuning.diffusion import (  # noqa: E402
+from datasets_builders.diffusion import DiffusionDataArguments, load_target_dataset
+from hf_tuning.diffusion import (
     EMA_SUBFOLDER,
     ChainOfForgettingConfig,
     ChainOfForgettingTrainer,
     DiTModelArguments,
+    KnowledgeBank,
     SamplingArguments,
     check_vae_matches,
     load_dit,
@@ -44,7 +42,7 @@ from hf_tuning.diffusion import (  # noqa: E402
     save_image_grid,
     write_run_config,
 )
-from hf_tuning.io import atomic_write_json  # noqa: E402
+from hf_tuning.io import atomic_write_json
 
 logger = logging.getLogger("dit_chain_of_forgetting")
 

@@ -18,25 +18,22 @@ line (``--dt_variant dt4 --tuning_mode lora``). The steps:
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trl import TrlParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # datasets_builders, when run from a checkout
-
-from datasets_builders.image_classification import VisionDataArguments, load_image_splits  # noqa: E402
-from datasets_builders.vision import (  # noqa: E402
+from datasets_builders.image_classification import VisionDataArguments, load_image_splits
+from datasets_builders.vision import (
     AugmentationArguments,
     ImageClassificationCollator,
     ImageClassificationDataset,
     build_image_transform,
 )
-from hf_tuning import StagedTrainingArguments  # noqa: E402
-from hf_tuning.io import atomic_write_json  # noqa: E402
-from hf_tuning.vision import (  # noqa: E402
+from hf_tuning import StagedTrainingArguments
+from hf_tuning.io import atomic_write_json
+from hf_tuning.vision import (
     StagedImageClassificationTrainer,
     VisionModelArguments,
     VisionTuningArguments,
@@ -47,7 +44,7 @@ from hf_tuning.vision import (  # noqa: E402
     vision_data_config,
     write_vision_config,
 )
-from hf_tuning.vision.models import model_library  # noqa: E402
+from hf_tuning.vision.backbones import model_library
 
 logger = logging.getLogger("image_classification_dt")
 

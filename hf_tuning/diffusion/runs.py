@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_tuning.diffusion.models import DiffusionSetupError, DiTModelArguments, load_dit, load_vae
+from hf_tuning.diffusion.loading import DiffusionSetupError, DiTModelArguments, load_dit, load_vae
 from hf_tuning.diffusion.sampling import SAMPLERS, draw_class_labels, sample_dit
 from hf_tuning.io import atomic_write_json, read_json
 

@@ -1,6 +1,6 @@
 """Chain-of-forgetting transfer (Diff-Tuning) for class-conditional DiT on ``transformers.Trainer``.
 
-One training step, as in the reference code (../shared/research/cof_seed.md section 1.4):
+One training step, as in the reference code (``docs/chain_of_forgetting.md``):
 
 * the batch holds target images and, with a knowledge bank, ``int(B * cof_bank_fraction)``
   samples of the pretrained model (6 of 32 by default);
@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from datasets_builders.diffusion import KnowledgeBank, bank_batch_size, bank_indices
 from hf_tuning.arguments import StagedTrainingArguments
 from hf_tuning.diffusion.ema import ExponentialMovingAverage
 from hf_tuning.diffusion.gaussian import GaussianDiffusion, TimestepSampler, linear_betas
-from hf_tuning.diffusion.models import (
+from hf_tuning.diffusion.knowledge_bank import KnowledgeBank, bank_batch_size, bank_indices
+from hf_tuning.diffusion.loading import (
     DiffusionSetupError,
     check_label_table,
     disable_per_block_label_dropout,
@@ -137,7 +137,7 @@ class ChainOfForgettingTrainer(StagedTrainer):
         args: :class:`ChainOfForgettingConfig`.
         train_dataset: target items ``{"pixel_values", "labels"}`` (labels in ``0..C-1``).
         vae: frozen ``AutoencoderKL``, or None for a pixel-space DiT.
-        knowledge_bank: :class:`~datasets_builders.diffusion.KnowledgeBank`, or None (no retention).
+        knowledge_bank: :class:`~hf_tuning.diffusion.KnowledgeBank`, or None (no retention).
         num_classes: target classes C (default: ``train_dataset.num_classes``).
     """
 

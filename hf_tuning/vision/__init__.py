@@ -1,47 +1,34 @@
 """Staged tuning for image classification: timm and transformers ViT, Swin and ConvNeXt.
 
-* backbones, pretrained weights and head fitting: :mod:`hf_tuning.vision.models`
+* backbones, pretrained weights and head fitting: :mod:`hf_tuning.vision.backbones`
 * tuning modes (full, LoRA, the paper's bottleneck adapter): :mod:`hf_tuning.vision.tuning`,
   :mod:`hf_tuning.vision.adapters`
 * the trainer: :mod:`hf_tuning.vision.trainer`
 * saving and reloading a run: :mod:`hf_tuning.vision.saved`
+* the block families of these backbones: :mod:`hf_tuning.vision.families`
 
-The block families these models use are registered in :mod:`hf_tuning.families`.
+Names are imported on first use, so importing the package stays cheap.
 """
 
-from hf_tuning.vision.adapters import BottleneckAdapter, add_bottleneck_adapters
-from hf_tuning.vision.models import (
-    VisionModelArguments,
-    VisionModelError,
-    classifier_head,
-    load_vision_model,
-    vision_data_config,
-)
-from hf_tuning.vision.saved import (
-    TrainedClassifier,
-    load_trained_classifier,
-    save_adapter_weights,
-    write_vision_config,
-)
-from hf_tuning.vision.trainer import StagedImageClassificationTrainer, accuracy_metrics, logits_of
-from hf_tuning.vision.tuning import TUNING_MODES, VisionTuningArguments, prepare_for_tuning
+from __future__ import annotations
 
-__all__ = [
-    "BottleneckAdapter",
-    "StagedImageClassificationTrainer",
-    "TUNING_MODES",
-    "TrainedClassifier",
-    "VisionModelArguments",
-    "VisionModelError",
-    "VisionTuningArguments",
-    "accuracy_metrics",
-    "add_bottleneck_adapters",
-    "classifier_head",
-    "load_trained_classifier",
-    "load_vision_model",
-    "logits_of",
-    "prepare_for_tuning",
-    "save_adapter_weights",
-    "vision_data_config",
-    "write_vision_config",
-]
+from hf_tuning.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "adapters": ("BottleneckAdapter", "add_bottleneck_adapters"),
+        "backbones": (
+            "VisionModelArguments",
+            "VisionModelError",
+            "classifier_head",
+            "load_vision_model",
+            "model_library",
+            "vision_data_config",
+        ),
+        "saved": ("TrainedClassifier", "load_trained_classifier", "save_adapter_weights", "write_vision_config"),
+        "trainer": ("StagedImageClassificationTrainer", "accuracy_metrics", "logits_of"),
+        "tuning": ("TUNING_MODES", "VisionTuningArguments", "prepare_for_tuning"),
+    },
+    globals(),
+)

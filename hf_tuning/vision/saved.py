@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from hf_tuning.io import atomic_write_json, read_json
-from hf_tuning.vision.models import VisionModelArguments, load_state_dict_file, load_vision_model, model_library
+from hf_tuning.vision.backbones import VisionModelArguments, load_state_dict_file, load_vision_model, model_library
 from hf_tuning.vision.tuning import VisionTuningArguments, prepare_for_tuning
 
 __all__ = [

@@ -1,0 +1,168 @@
+"""A tiny staged run for any launcher (python, accelerate launch, DeepSpeed).
+
+Every rank dumps the parameters at the start and end of every stage, gathered under ZeRO-3,
+into --snapshots, plus world.json (world size, distributed type), so the tests can check what
+each stage changed and that the replicas agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+
+from hf_tuning import StagedTrainer, StagedTrainingArguments
+from tests.helpers.tiny import lm_dataset, tiny_llama
+
+
+class SnapshotCallback(TrainerCallback):
+    """Saves every parameter at each stage's first and last step, one file per rank."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.trainer: StagedTrainer | None = None
+
+    def _dump(self, model: torch.nn.Module, when: str) -> None:
+        named = list(model.named_parameters())
+        params = [p for _, p in named]
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                tensors = {n: p.detach().float().clone().contiguous() for n, p in named}
+        else:
+            tensors = {n: p.detach().float().clone().contiguous() for n, p in named}
+        rank = int(os.environ.get("RANK", "0"))
+        stage = self.trainer._active_stage.index
+        save_file(tensors, str(self.directory / f"rank{rank}_stage{stage}_{when}.safetensors"))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            self._dump(model, "begin")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._dump(model, "end")
+
+
+class SimulatedCrash(RuntimeError):
+    """Stands for a killed process."""
+
+
+class CrashAt(TrainerCallback):
+    """Simulates a crash after the given (stage, step) was checkpointed."""
+
+    def __init__(self, stage: int, step: int) -> None:
+        self.stage, self.step = stage, step
+        self.trainer: StagedTrainer | None = None
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer._active_stage.index == self.stage and state.global_step == self.step:
+            raise SimulatedCrash(f"simulated crash at stage {self.stage} step {self.step}")
+
+
+def run(
+    output: str,
+    variant: str = "dt1",
+    snapshots: str | None = None,
+    lora: bool = False,
+    steps: int = 3,
+    save_steps: int = 0,
+    crash: str | None = None,
+    resume: bool = False,
+    weight_decay: float = 0.1,
+    callbacks: tuple = (),
+    **overrides,
+) -> StagedTrainer:
+    """Train the tiny LLaMA with ``variant``; returns the trainer after saving ``output/final``."""
+    model = tiny_llama(layers=8)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        # make B non-zero so every adapter influences the output from the first step
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.02)
+    settings = dict(
+        output_dir=output,
+        dt_variant=variant,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        weight_decay=weight_decay,
+        warmup_steps=1,
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        report_to=[],
+        disable_tqdm=True,
+        seed=7,
+        bf16=False,
+        ddp_find_unused_parameters=False,
+    )
+    settings.update(overrides)
+    eval_dataset = lm_dataset(16, seed=2) if settings.get("eval_strategy", "no") != "no" else None
+    trainer = StagedTrainer(
+        model=model,
+        args=StagedTrainingArguments(**settings),
+        train_dataset=lm_dataset(64, seed=1),
+        eval_dataset=eval_dataset,
+    )
+    if snapshots:
+        Path(snapshots).mkdir(parents=True, exist_ok=True)
+        snapshot = SnapshotCallback(Path(snapshots))
+        snapshot.trainer = trainer
+        trainer.add_callback(snapshot)
+    if crash:
+        stage, step = (int(x) for x in crash.split(":"))
+        crasher = CrashAt(stage, step)
+        crasher.trainer = trainer
+        trainer.add_callback(crasher)
+    for callback in callbacks:
+        callback.trainer = trainer
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.save_model(os.path.join(output, "final"))
+    if trainer.args.process_index == 0:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        info = {
+            "world_size": world,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "stages": [list(s.params) for s in trainer.stage_plan.stages],
+            "always": list(trainer.stage_plan.partition.always_trainable),
+        }
+        Path(output, "world.json").write_text(json.dumps(info))
+    return trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variant", default="dt1")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--snapshots", default=None)
+    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--crash", default=None, help="STAGE:STEP")
+    parser.add_argument("--resume", action="store_true")
+    cli = parser.parse_args()
+    run(
+        cli.output,
+        cli.variant,
+        cli.snapshots,
+        cli.lora,
+        cli.steps,
+        cli.save_steps,
+        cli.crash,
+        cli.resume,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""SFT evaluation: local metrics, batched generation, held-out loss, base vs adapter, reports, CLI."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tests.helpers.tiny import WORDS, tiny_llama, tiny_tokenizer
+
+pytest.importorskip("rouge_score", reason="the metrics extra (rouge_score, sacrebleu) is not installed")
+pytest.importorskip("sacrebleu", reason="the metrics extra (rouge_score, sacrebleu) is not installed")
+
+evaluate_sft = importlib.import_module("eval.evaluate_sft")
+
+# Roles are not in the tiny vocabulary (they become <unk>); the WordLevel tokenizer splits on whitespace,
+# so every piece is followed by a space. The reply and its </s> are the generation (assistant) tokens.
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} "
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }} </s>{% endgeneration %} "
+    "{% else %}{{ m['content'] }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant {% endif %}"
+)
+NO_MARKERS = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+
+
+def chat_tokenizer(template: str = TEMPLATE):
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def conversations(count: int = 7, seed: int = 1) -> list[list[dict[str, str]]]:
+    """Questions and answers of uneven lengths, so batches need padding."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def words(n: int) -> str:
+        return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=generator).tolist())
+
+    rows = []
+    for index in range(count):
+        length = 2 + (index * 5) % 11
+        rows.append(
+            [{"role": "user", "content": words(length)}, {"role": "assistant", "content": words(length // 2 + 1)}]
+        )
+    return rows
+
+
+def save_adapter(path: Path, seed: int = 0) -> Path:
+    """A LoRA adapter with random (non-zero) B weights, so the tuned model differs from the base."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(tiny_llama(layers=2, seed=seed), config).save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_rouge_hand_computed_values() -> None:
+    rouge = evaluate_sft.load_local_metric("rouge")
+    same = rouge.compute(predictions=["check the engine oil"], references=["check the engine oil"])
+    assert same == pytest.approx({"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0})
+    disjoint = rouge.compute(predictions=["tractor seed drill"], references=["grain tank filter"])
+    assert disjoint == pytest.approx({"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "rougeLsum": 0.0})
+    # unigrams: 2 of 3 shared both ways -> F = 2/3; bigrams: "the cat" of 2 -> 1/2; LCS "the cat" -> 2/3
+    small = rouge.compute(predictions=["the cat sat"], references=["the cat ran"])
+    assert small == pytest.approx({"rouge1": 2 / 3, "rouge2": 0.5, "rougeL": 2 / 3, "rougeLsum": 2 / 3})
+    # the mean over examples: (1 + 0) / 2
+    mean = rouge.compute(predictions=["oil filter", "tyre"], references=["oil filter", "belt"])
+    assert mean["rouge1"] == pytest.approx(0.5)
+
+
+def test_rouge_stemming_sentences_and_multiple_references() -> None:
+    rouge = evaluate_sft.load_local_metric("rouge")
+    stemmed = rouge.compute(predictions=["cleaning filters"], references=["cleaned filter"])
+    plain = rouge.compute(predictions=["cleaning filters"], references=["cleaned filter"], use_stemmer=False)
+    assert stemmed["rouge1"] == pytest.approx(1.0) and plain["rouge1"] == pytest.approx(0.0)
+    # sentences swapped: one LCS over the whole text keeps 2 of 4 tokens, sentence-level LCS keeps all
+    swapped = rouge.compute(predictions=["tractor engine. oil filter!"], references=["oil filter. tractor engine?"])
+    assert swapped["rougeL"] == pytest.approx(0.5) and swapped["rougeLsum"] == pytest.approx(1.0)
+    best = rouge.compute(predictions=["the cat sat"], references=[["grain tank", "the cat sat"]])
+    assert best["rouge1"] == pytest.approx(1.0)
+    per_example = rouge.compute(predictions=["a b", "c"], references=["a b", "d"], use_aggregator=False)
+    assert per_example["rouge1"] == pytest.approx([1.0, 0.0])
+
+
+def test_bleu_hand_computed_values() -> None:
+    bleu = evaluate_sft.load_local_metric("bleu")
+    same = bleu.compute(predictions=["check the engine oil daily"], references=["check the engine oil daily"])
+    assert same["score"] == pytest.approx(100.0) and same["brevity_penalty"] == pytest.approx(1.0)
+    assert bleu.compute(predictions=["tractor seed drill boom"], references=["grain tank oil filter"])["score"] == 0.0
+    # every n-gram matches, but 6 hypothesis tokens against 7 reference tokens: BP = exp(1 - 7/6)
+    short = bleu.compute(predictions=["the cat sat on the mat"], references=["the cat sat on the mat today"])
+    assert short["score"] == pytest.approx(100 * math.exp(1 - 7 / 6))
+    assert short["precisions"] == pytest.approx([100.0] * 4)
+    assert (short["sys_len"], short["ref_len"]) == (6, 7)
+    # a list of references per prediction, of different lengths: the matching one counts
+    several = bleu.compute(
+        predictions=["the cat sat on the mat", "clean the oil filter now"],
+        references=[["a dog", "the cat sat on the mat"], ["clean the oil filter now"]],
+    )
+    assert several["score"] == pytest.approx(100.0)
+
+
+def test_score_answers_scale_and_unknown_metric() -> None:
+    scores = evaluate_sft.score_answers(["check the engine oil daily"], ["check the engine oil daily"])
+    assert scores == pytest.approx(
+        {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "rougeLsum": 100.0, "bleu": 100.0}
+    )
+    with pytest.raises(FileNotFoundError, match="no local metric 'meteor'"):
+        evaluate_sft.load_local_metric("meteor")
+
+
+# --------------------------------------------------------------------------- generation and loss
+
+
+def test_prompt_drops_the_reference_and_ends_with_generation_prompt() -> None:
+    tokenizer = chat_tokenizer()
+    conversation = [{"role": "user", "content": "check the oil"}, {"role": "assistant", "content": "clean the filter"}]
+    (ids,) = evaluate_sft.encode_prompts(tokenizer, [conversation])
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<unk>", "check", "the", "oil", "<unk>"]  # no BOS added twice
+    with pytest.raises(ValueError, match="must end with an assistant message"):
+        evaluate_sft.encode_prompts(tokenizer, [conversation[:1]])
+
+
+def test_batched_generation_matches_one_by_one() -> None:
+    """Left padding with its attention mask gives the same greedy answers as unpadded generation.
+
+    fp32 and seed 0: with this model no near-tied logits flip a greedy token (seeds 0-4 all hold).
+    """
+    model, tokenizer, rows = tiny_llama(layers=2, seed=0), chat_tokenizer(), conversations()
+    batched = evaluate_sft.generate_answers(model, tokenizer, rows, batch_size=3, max_new_tokens=8)
+    single = [evaluate_sft.generate_answers(model, tokenizer, [row], batch_size=1, max_new_tokens=8)[0] for row in rows]
+    assert batched == single
+    assert all(answer for answer in batched)  # it generated something, not an immediate end of sequence
+    assert tokenizer.padding_side == "right" and tokenizer.pad_token == "<pad>"  # restored
+
+
+def test_heldout_loss_equals_per_example_loss() -> None:
+    model, tokenizer, rows = tiny_llama(layers=2, seed=0), chat_tokenizer(), conversations()
+    result = evaluate_sft.heldout_loss(model, tokenizer, rows, batch_size=3)
+    weighted, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            encoded = tokenizer.apply_chat_template(row, return_dict=True, return_assistant_tokens_mask=True)
+            ids = torch.tensor([encoded["input_ids"]])
+            labels = torch.where(torch.tensor([encoded["assistant_masks"]]) == 1, ids, -100)
+            count = int((labels[:, 1:] != -100).sum())
+            weighted += model(input_ids=ids, labels=labels).loss.item() * count
+            tokens += count
+    assert result["tokens"] == tokens
+    assert result["loss"] == pytest.approx(weighted / tokens, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(weighted / tokens), rel=1e-5)
+
+
+def test_heldout_loss_needs_generation_markers() -> None:
+    with pytest.raises(ValueError, match="generation %}"):
+        evaluate_sft.heldout_loss(tiny_llama(layers=2), chat_tokenizer(NO_MARKERS), conversations(2))
+
+
+# --------------------------------------------------------------------------- base vs adapter and reports
+
+
+def test_evaluate_base_and_adapter_end_to_end(tmp_path: Path) -> None:
+    adapter = save_adapter(tmp_path / "adapter")
+    base, tokenizer, rows = tiny_llama(layers=2, seed=0), chat_tokenizer(), conversations(5)
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    base_only = evaluate_sft.evaluate_models(base, tokenizer, rows, batch_size=2, max_new_tokens=6)
+    results = evaluate_sft.evaluate_models(base, tokenizer, rows, adapter, batch_size=2, max_new_tokens=6)
+
+    keys = {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "loss", "perplexity", "tokens", "tokens_per_second"}
+    assert set(results) == {"num_examples", "base", "tuned", "examples"} and results["num_examples"] == 5
+    assert keys <= set(results["base"]) and keys <= set(results["tuned"])
+    assert results["base"]["loss"] == pytest.approx(base_only["base"]["loss"])  # the true base, not the adapter
+    assert results["tuned"]["loss"] != pytest.approx(results["base"]["loss"])
+    assert [e["base"] for e in results["examples"]] == [e["base"] for e in base_only["examples"]]
+    assert [e["tuned"] for e in results["examples"]] != [e["base"] for e in results["examples"]]
+    assert results["examples"][0]["question"] == rows[0][0]["content"]
+    assert results["examples"][0]["reference"] == rows[0][1]["content"]
+    # the caller gets its base model back: no LoRA layers, weights unchanged
+    assert not any("lora" in name for name, _ in base.named_modules())
+    assert all(torch.equal(before[name], tensor) for name, tensor in base.state_dict().items())
+
+    json_path, md_path = evaluate_sft.write_reports(results, tmp_path / "report", show=2)
+    assert json.loads(json_path.read_text())["tuned"]["loss"] == results["tuned"]["loss"]
+    markdown = md_path.read_text()
+    assert "| metric | base | tuned | delta |" in markdown
+    assert "| ROUGE-1 |" in markdown and "| perplexity |" in markdown
+    assert "| # | question | reference | base | tuned |" in markdown
+    assert "## Examples (first 2 of 5)" in markdown
+
+
+def test_adapter_folder_errors_come_before_any_work(tmp_path: Path) -> None:
+    model, tokenizer, rows = tiny_llama(layers=2), chat_tokenizer(), conversations(2)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate_sft.evaluate_models(model, tokenizer, rows, tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        evaluate_sft.evaluate_models(model, tokenizer, rows, tmp_path / "empty")
+    with pytest.raises(ValueError, match="generation %}"):
+        evaluate_sft.evaluate_models(model, chat_tokenizer(NO_MARKERS), rows)
+
+
+def test_base_only_report_escapes_cells(tmp_path: Path) -> None:
+    metrics = {
+        "rouge1": 12.345,
+        "rouge2": 1.0,
+        "rougeL": 2.0,
+        "rougeLsum": 3.0,
+        "bleu": 4.0,
+        "loss": 2.5,
+        "perplexity": 12.18,
+    }
+    example = {"question": "a | b", "reference": "line one\nline two", "base": ""}
+    results = {"num_examples": 1, "base": metrics, "examples": [example]}
+    _, md_path = evaluate_sft.write_reports(results, tmp_path)
+    markdown = md_path.read_text()
+    assert "| metric | base |" in markdown and "tuned" not in markdown
+    assert "| ROUGE-1 | 12.35 |" in markdown
+    assert "| 1 | a \\| b | line one<br>line two |   |" in markdown
+
+
+def test_cli_writes_reports_into_the_adapter_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    model_dir = tmp_path / "model"
+    tiny_llama(layers=2, seed=0).save_pretrained(model_dir)
+    chat_tokenizer().save_pretrained(model_dir)
+    adapter = save_adapter(tmp_path / "adapter")
+    rows = conversations(3)
+    requested = {}
+
+    def fake_conversations(name, split, count):  # the dataset builder is tested on its own
+        requested.update(name=name, split=split, count=count)
+        return rows[:count]
+
+    monkeypatch.setattr(evaluate_sft, "load_conversations", fake_conversations)
+    argv = ["--base_model", str(model_dir), "--adapter", str(adapter), "--num_examples", "2", "--batch_size", "2"]
+    assert evaluate_sft.main([*argv, "--max_new_tokens", "4", "--show", "1", "--dtype", "float32"]) == 0
+    assert requested == {"name": None, "split": "test", "count": 2}
+    results = json.loads((adapter / "eval_results.json").read_text())
+    assert results["config"]["chat_template"] == "tokenizer" and results["num_examples"] == 2
+    assert (adapter / "eval_report.md").is_file()
+    out = capsys.readouterr().out
+    assert "=== example 1 ===" in out and "REFERENCE" in out and "=== example 2 ===" not in out
+
+
+def test_cli_argument_errors(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        evaluate_sft.parse_args(["--base_model", "x"])
+    assert "--output_dir is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_sft.parse_args(["--base_model", "x", "--adapter", str(tmp_path / "missing")])
+    assert "does not exist" in capsys.readouterr().err

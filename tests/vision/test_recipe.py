@@ -1,0 +1,134 @@
+"""``recipes/image_classification_dt.py`` end to end on real images (scikit-learn digits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets_builders.digits import export_digits
+from datasets_builders.vision import ImageDataError
+from hf_tuning.vision import load_trained_classifier, logits_of
+from tests.helpers import REPO_ROOT
+from tests.helpers.scripts import load_recipe
+
+RECIPE = REPO_ROOT / "recipes/image_classification_dt.py"
+SWIN = json.dumps(
+    {"img_size": 16, "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": [2, 2], "num_heads": [2, 2]}
+)
+
+
+def _recipe():
+    return load_recipe("image_classification_dt.py")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits") / "digits_5_9"
+    export_digits(root, [5, 6, 7, 8, 9], seed=0)
+    return root
+
+
+def _argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO_ROOT / "recipes/configs/digits_vit_dt3.yaml"),
+        "--data_dir", str(data),
+        "--output_dir", str(out),
+        "--num_train_epochs", "1",
+        "--max_steps", "4",
+        "--per_device_train_batch_size", "16",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_swin_lora_dt3_saves_a_reloadable_adapter_and_evaluates(digits, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)  # a "pretrained" backbone: LoRA needs the same base weights when reloading
+    backbone = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, **json.loads(SWIN))
+    save_file(backbone.state_dict(), tmp_path / "backbone.safetensors")
+    out = tmp_path / "swin-lora"
+    result = _recipe().main(
+        _argv(
+            digits, out,
+            "--model_name_or_path", "swin_tiny_patch4_window7_224", "--model_kwargs", SWIN,
+            "--checkpoint", str(tmp_path / "backbone.safetensors"),
+            "--tuning_mode", "lora", "--dt_variant", "dt3", "--eval_split", "test",
+            "--mixup_alpha", "0.8", "--cutmix_alpha", "1.0", "--label_smoothing", "0.1",
+        )
+    )  # fmt: skip
+    assert [r.steps for r in result["trainer"].stage_records] == [4, 4]
+    assert {"adapter_model.safetensors", "adapter_config.json", "vision_config.json", "dt_stages.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["tuning_mode"] == "lora" and results["world_size"] == 1 and 0 <= results["eval_top1"] <= 100
+
+    trained = result["trainer"].model.eval()
+    reloaded = load_trained_classifier(out)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(reloaded.model(x)), logits_of(trained(x)))
+    assert reloaded.class_names == [f"digit_{d}" for d in range(5, 10)]
+
+    report = tmp_path / "report"
+    cli = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "eval/evaluate_vision.py"), "--model_dir", str(out), "--data_format", "imagefolder",
+         "--data_dir", str(digits), "--split", "test", "--output_dir", str(report)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    evaluated = json.loads((report / "eval_vision.json").read_text())
+    assert evaluated["top1"] == pytest.approx(results["eval_top1"], abs=1e-6)  # the same model and split
+    assert (report / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hf_vit_adapter_dt1_full_state_roundtrip(digits, tmp_path):
+    from transformers import ViTConfig
+
+    base = tmp_path / "hf-vit"
+    ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(base)
+    out = tmp_path / "vit-adapter"
+    result = _recipe().main(
+        _argv(digits, out, "--model_name_or_path", str(base), "--tuning_mode", "adapter", "--dt_variant", "dt1",
+              "--max_steps", "2")
+    )  # fmt: skip
+    records = result["trainer"].stage_records
+    assert len(records) == 4 and all(r.steps == 2 for r in records)
+    reloaded = load_trained_classifier(out)
+    assert reloaded.tuning_mode == "adapter"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(reloaded.model(x)), logits_of(result["trainer"].model.eval()(x)))
+
+
+def test_bad_data_fails_before_any_model_is_built(tmp_path):
+    (tmp_path / "data/train/cat").mkdir(parents=True)
+    with pytest.raises(ImageDataError, match="cat"):
+        _recipe().main(_argv(tmp_path / "data", tmp_path / "out", "--model_name_or_path", "no_such_model_xyz"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_the_shipped_accelerate_config(digits, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO_ROOT / "accelerate_configs/multi_gpu.yaml"),
+        "--num_processes", "2", "--main_process_port", "0", str(RECIPE), *_argv(digits, out, "--max_steps", "2"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["world_size"] == 2 and results["effective_batch_size"] == 32
+    assert (out / "model.safetensors").is_file()
