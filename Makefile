@@ -44,7 +44,7 @@ plan: $(INSTALLED)
 	$(BIN)/hf-tuning plan --model tests/data/llama-3.1-8b --variant dt3 --lora
 
 bench: $(INSTALLED)
-	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python -m benchmarks.bench_engine
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
