@@ -1,47 +1,35 @@
-"""Dataset builders (instruction data, image folders, VTAB/FGVC); see the README of each issue.
+"""Dataset builders: instruction data (the AgriMachine sample and any alpaca / sharegpt / messages file),
+image-classification splits (folders, VTAB-1k, FGVC, few-shot lists), scikit-learn digits as images, and
+DiT knowledge banks.
 
 Names are exported lazily, so ``import datasets_builders`` stays light (no ``datasets``, no torch).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hf_tuning.lazy import lazy_exports
 
-_EXPORTS = {
-    "instruction_formats": (
-        "BadRowsError",
-        "BuildReport",
-        "DataSourceNotFoundError",
-        "EmptyDatasetError",
-        "FormatError",
-        "build_instruction_dataset",
-        "detect_format",
-        "read_source",
-    ),
-    "agrimachine": (
-        "DEFAULT_SYSTEM_PROMPT",
-        "SAMPLE_PATH",
-        "AgriMachineDataArguments",
-        "build_agrimachine_dataset",
-        "push_dataset",
-        "save_dataset",
-    ),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str) -> Any:
-    """Import the defining submodule on first use of one of its names."""
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    {
+        "instruction_formats": (
+            "BadRowsError",
+            "BuildReport",
+            "DataSourceNotFoundError",
+            "EmptyDatasetError",
+            "FormatError",
+            "build_instruction_dataset",
+            "detect_format",
+            "read_source",
+        ),
+        "agrimachine": (
+            "DEFAULT_SYSTEM_PROMPT",
+            "SAMPLE_PATH",
+            "AgriMachineDataArguments",
+            "build_agrimachine_dataset",
+            "push_dataset",
+            "save_dataset",
+        ),
+    },
+    globals(),
+)

@@ -32,13 +32,13 @@ from typing import Any
 import torch
 
 from hf_tuning.diffusion.knowledge_bank import BANK_CONFIG, BANK_LATENTS, BANK_METADATA, read_bank_metadata
+from hf_tuning.diffusion.sampling import SAMPLERS
 from hf_tuning.io import atomic_output, atomic_write_json, read_json
 
 __all__ = ["KnowledgeBankArguments", "KnowledgeBankError", "bank_labels", "build_knowledge_bank", "cache_bank_latents"]
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-SAMPLERS = ("ddpm", "ddim")
 # settings that decide what image i is; a resumed build must use the same ones
 _IDENTITY = (
     "format_version",
