@@ -28,16 +28,16 @@ CUDA ``torch.cuda.max_memory_allocated`` (reset likewise; steps are then timed a
 A shared virtual machine drifts, so the arms run in the palindromic order finetune, cof_cached,
 cof_uncached, cof_uncached, cof_cached, finetune (``--repeats 2``), each from a freshly seeded model,
 and the ratios to ``finetune`` pool the timed steps of both repetitions (drift linear in time cancels),
-with a delta-method 95% interval (the helpers of ``bench_engine.py``).
+with a delta-method 95% interval (the shared helpers of ``benchmarks/harness.py``).
 
 Results: ``<output-dir>/bench_dit_cpu.{json,md}`` (``bench_dit_cuda.*`` on a GPU).
 
-Usage::
+Usage (from the repository root)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_dit.py                  # ~1.5 min on 2 idle cores
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_dit.py --wait-idle 600  # start once others are idle
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_dit.py --threads 1      # on a machine shared with others
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_dit.py --quick          # smoke test, ~25 s
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_dit                  # ~1.5 min on 2 idle cores
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_dit --wait-idle 600  # start once others are idle
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_dit --threads 1      # on a machine shared with others
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_dit --quick          # smoke test, ~25 s
 
 Expected full-run time (6 runs of 30 steps of batch 32), an estimate from timing the pieces at full size
 with one torch thread on this repository's 2-core Xeon while other jobs used the machine: DiT forward and
@@ -48,59 +48,30 @@ step and ~75 s of steps, plus ~1 s of set-up per run, ~3 s of data, ~15 s of imp
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import gc
-import logging
-import os
-import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+from PIL import Image
+from transformers.trainer_callback import PrinterCallback
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import diffusers  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from transformers.trainer_callback import PrinterCallback  # noqa: E402
-
-from benchmarks.bench_engine import (  # noqa: E402
-    CONTENDED_CORES,
-    MIB,
-    CpuSample,
-    peak_rss,
-    ratio_ci,
-    reset_peak_rss,
-    timing_stats,
-    wait_for_idle,
-)
-from benchmarks.bench_sft import schedule  # noqa: E402
-from benchmarks.bench_vision import _read_commit  # noqa: E402
-from datasets_builders.diffusion import DiffusionDataArguments, load_target_dataset  # noqa: E402
-from datasets_builders.knowledge_bank import cache_bank_latents  # noqa: E402
-from hf_tuning.diffusion import (  # noqa: E402
+from benchmarks import harness
+from datasets_builders.diffusion import DiffusionDataArguments, load_target_dataset
+from datasets_builders.knowledge_bank import cache_bank_latents
+from hf_tuning.diffusion import (
     ChainOfForgettingConfig,
     ChainOfForgettingTrainer,
     KnowledgeBank,
     bank_batch_size,
     check_vae_matches,
 )
-from hf_tuning.io import atomic_write_json, atomic_write_text  # noqa: E402
 
+LIBRARIES = ("torch", "diffusers", "transformers")
 RESULT_STEM = "bench_dit"
 ARMS = ("finetune", "cof_cached", "cof_uncached")
 BASELINE = "finetune"
@@ -146,78 +117,42 @@ QUICK = ModelSpec(image_size=16, vae_channels=(32, 32), hidden=32, heads=2, laye
 # Settings
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class DitBenchSettings:
-    """Everything that defines a benchmark run (stored with the results)."""
+class DitBenchSettings(harness.BenchmarkSettings):
+    """Everything that defines a benchmark run (stored with the results); ``--quick`` shrinks the model, the
+    bank and the step count (where not given)."""
 
-    steps: int = 30
-    warmup_steps: int = 5
-    batch_size: int = 32
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps per run (default 30; quick 3)"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "steps per run not timed (default 5; quick 1)"})
+    batch_size: int = field(default=32, metadata={"help": "images per step, target + bank"})
     bank_fraction: float = 0.2
-    repeats: int = 2
+    repeats: int = field(default=2, metadata={"help": "runs per arm, in palindromic order"})
     target_classes: int = 4
-    bank_images: int = 64
+    bank_images: int | None = field(default=None, metadata={"help": "bank PNGs (default 64; quick 16)"})
     learning_rate: float = 1e-4
-    seed: int = 0
-    threads: int = 0
-    device: str = "auto"
-    output_dir: str = "benchmarks/results"
-    quick: bool = False
-    wait_idle_s: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: CUDA when available"})
+    quick: bool = field(default=False, metadata={"help": "tiny DiT and VAE, 3 steps per run: a smoke test"})
+
+    def __post_init__(self) -> None:
+        steps, warmup, bank = (3, 1, 16) if self.quick else (30, 5, 64)
+        self.steps = steps if self.steps is None else self.steps
+        self.warmup_steps = warmup if self.warmup_steps is None else self.warmup_steps
+        self.bank_images = bank if self.bank_images is None else self.bank_images
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        if self.warmup_steps < 0 or self.steps <= self.warmup_steps:
+            raise ValueError("--steps must exceed --warmup-steps (>= 0), or no step would be timed")
+        if self.repeats < 1:
+            raise ValueError("--repeats must be >= 1")
+        if bank_batch_size(self.batch_size, self.bank_fraction) < 1:
+            raise ValueError(
+                f"--batch-size {self.batch_size} leaves no bank sample (int(B * {self.bank_fraction}) = 0); use >= 5"
+            )
 
     @property
     def spec(self) -> ModelSpec:
         return QUICK if self.quick else FULL
-
-
-def parse_args(argv: list[str] | None = None) -> DitBenchSettings:
-    """Command line -> :class:`DitBenchSettings`; ``--quick`` shrinks the model and the step count."""
-    d = DitBenchSettings()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {d.steps}; quick 3)")
-    p.add_argument(
-        "--warmup-steps", type=int, default=None, help=f"steps per run not timed (default {d.warmup_steps}; quick 1)"
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step, target + bank (default 32)")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="runs per arm, in palindromic order (default 2)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: usable cores)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
-    p.add_argument("--output-dir", default=d.output_dir)
-    p.add_argument("--quick", action="store_true", help="tiny DiT and VAE, 3 steps per run: a smoke test")
-    p.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="wait up to SECONDS for other processes to leave the CPUs idle before starting",
-    )
-    ns = p.parse_args(argv)
-    quick_steps, quick_warmup = (3, 1) if ns.quick else (d.steps, d.warmup_steps)
-    device = ns.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    s = DitBenchSettings(
-        steps=quick_steps if ns.steps is None else ns.steps,
-        warmup_steps=quick_warmup if ns.warmup_steps is None else ns.warmup_steps,
-        batch_size=ns.batch_size,
-        repeats=ns.repeats,
-        bank_images=16 if ns.quick else d.bank_images,
-        seed=ns.seed,
-        threads=ns.threads,
-        device=device,
-        output_dir=ns.output_dir,
-        quick=ns.quick,
-        wait_idle_s=ns.wait_idle,
-    )
-    if s.warmup_steps < 0 or s.steps <= s.warmup_steps:
-        p.error("--steps must exceed --warmup-steps (>= 0), or no step would be timed")
-    if s.repeats < 1:
-        p.error("--repeats must be >= 1")
-    if bank_batch_size(s.batch_size, s.bank_fraction) < 1:
-        p.error(f"--batch-size {s.batch_size} leaves no bank sample (int(B * {s.bank_fraction}) = 0); use >= 5")
-    return s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,24 +233,9 @@ def build_dit(spec: ModelSpec, seed: int) -> torch.nn.Module:
 def training_args(s: DitBenchSettings, arm: str, output_dir: str) -> ChainOfForgettingConfig:
     """Identical optimisation for every arm; only the timestep mode differs (and the bank, passed apart)."""
     return ChainOfForgettingConfig(
-        output_dir=output_dir,
-        max_steps=s.steps,
-        per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=1,
+        **harness.trainer_kwargs(s, output_dir, s.steps, use_cpu=s.device == "cpu", dataloader_pin_memory=False),
         cof_timesteps="uniform" if arm == BASELINE else "power",
         cof_bank_fraction=s.bank_fraction,
-        learning_rate=s.learning_rate,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        bf16=False,
-        fp16=False,
-        disable_tqdm=True,
-        use_cpu=s.device == "cpu",
-        seed=s.seed,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
     )
 
 
@@ -354,7 +274,7 @@ class StepRecord:
     losses: list[float] = field(default_factory=list)
 
 
-class DitBenchCallback(TrainerCallback):
+class DitBenchCallback(harness.StepTimer):
     """Times each optimizer step and the pieces of it that the arms do differently.
 
     ``instrument`` wraps ``trainer.encode`` and the bank's ``batch`` on the instances, so the timing is
@@ -363,13 +283,11 @@ class DitBenchCallback(TrainerCallback):
     """
 
     def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
+        super().__init__(cuda)
         self.clock = Stopwatch(cuda)
         self.record = StepRecord()
         self._pending: list[tuple[str, Any, Any]] = []
-        self._t0 = 0.0
         self._last_end = 0.0
-        self._cpu0: CpuSample | None = None
 
     def instrument(self, trainer: ChainOfForgettingTrainer) -> None:
         encode = trainer.encode
@@ -393,26 +311,18 @@ class DitBenchCallback(TrainerCallback):
 
             bank.batch = timed_batch  # type: ignore[method-assign]
 
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._last_end = time.perf_counter()  # the first gap holds the loader's set-up: a warm-up step
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._sync()
+        super().on_step_begin(args, state, control, **kwargs)
         self._pending.clear()
-        self._cpu0 = CpuSample.now()
-        self._t0 = time.perf_counter()
         self.record.data_times_s.append(self._t0 - self._last_end)
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._sync()
-        end = time.perf_counter()
+    def step_timed(self, seconds: float, other_cores: float, steal_cores: float) -> None:
         rec = self.record
-        rec.step_times_s.append(end - self._t0)
-        rec.foreign_cores.append(self._cpu0.foreign_cores(CpuSample.now())[0])
+        rec.step_times_s.append(seconds)
+        rec.foreign_cores.append(other_cores)
         totals = {"target": 0.0, "bank": 0.0, "read": 0.0}
         for kind, start, stop in self._pending:
             totals[kind] += stop - start if kind == "read" else self.clock.seconds(start, stop)
@@ -427,14 +337,6 @@ class DitBenchCallback(TrainerCallback):
             self.record.losses.append(float(logs["loss"]))
 
 
-def reset_peak_memory(device: str) -> int:
-    """Reset the peak counters (RSS always, CUDA's on a GPU); returns the RSS now, the run's baseline."""
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    return reset_peak_rss()
-
-
 def run_one(
     s: DitBenchSettings,
     arm: str,
@@ -444,9 +346,7 @@ def run_one(
     rep: int = 1,
 ) -> dict[str, Any]:
     """Train one arm (repetition ``rep``) from a freshly seeded DiT; returns its measurements."""
-    rss_before = reset_peak_memory(s.device)
-    started = time.perf_counter()
-    cpu_start = CpuSample.now()
+    meter = harness.RunMeter(s.device).start()
     spec = s.spec
     data_args = DiffusionDataArguments(data_dir=str(target_dir), image_size=spec.image_size, image_channels=3)
     dataset = load_target_dataset(data_args)
@@ -467,13 +367,10 @@ def run_one(
         trainer.add_callback(callback)  # after the EMA callback: the EMA update is inside the timed step
         composition = (trainer.target_batch_size, trainer.bank_batch)
         trainer.train()
-        peak = peak_rss()
-        cuda_peak = torch.cuda.max_memory_allocated() if s.device == "cuda" else None
-        others, steal = cpu_start.foreign_cores(CpuSample.now())
-        wall = time.perf_counter() - started
+        meter.stop()
         del trainer, model
     rec, w = callback.record, s.warmup_steps
-    timed = timing_stats(rec.step_times_s[w:], rec.foreign_cores[w:])
+    timed = harness.timing_stats(rec.step_times_s[w:], rec.foreign_cores[w:])
     encode = [a + b for a, b in zip(rec.encode_target_s[w:], rec.encode_bank_s[w:], strict=True)]
     return {
         "arm": arm,
@@ -489,25 +386,17 @@ def run_one(
         "mean_encode_target_s": statistics.fmean(rec.encode_target_s[w:]),
         "mean_encode_bank_s": statistics.fmean(rec.encode_bank_s[w:]),
         "mean_bank_read_s": statistics.fmean(rec.bank_read_s[w:]),
-        "wall_s": wall,
-        "non_step_s": wall - sum(rec.step_times_s),
-        "rss_before_bytes": rss_before,
-        "peak_rss_bytes": peak,
-        "peak_rss_delta_bytes": peak - rss_before,
-        "cuda_max_allocated_bytes": cuda_peak,
-        "peak_memory_bytes": cuda_peak if cuda_peak is not None else peak,
-        "foreign_cpu_cores": others,
-        "steal_cpu_cores": steal,
+        "wall_s": meter.wall_s,
+        "non_step_s": meter.wall_s - sum(rec.step_times_s),
+        "rss_before_bytes": meter.rss_before_bytes,
+        "peak_rss_bytes": meter.peak_rss_bytes,
+        "peak_rss_delta_bytes": meter.peak_rss_bytes - meter.rss_before_bytes,
+        "cuda_max_allocated_bytes": meter.cuda_max_allocated_bytes,
+        "peak_memory_bytes": meter.peak_memory_bytes,
+        "foreign_cpu_cores": meter.foreign_cpu_cores,
+        "steal_cpu_cores": meter.steal_cpu_cores,
         "final_loss": rec.losses[-1] if rec.losses else None,
     }
-
-
-def park_heap() -> None:
-    """``gc.freeze`` everything alive now, so the garbage collections the trainer and ``reset_peak_rss``
-    trigger do not walk the ~10^6 objects of torch, transformers and diffusers (tenths of a second each),
-    and no automatic full collection of them lands inside a timed step."""
-    gc.collect()
-    gc.freeze()
 
 
 def warm_up(s: DitBenchSettings, root: Path) -> None:
@@ -525,18 +414,6 @@ def warm_up(s: DitBenchSettings, root: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Analysis
 # ---------------------------------------------------------------------------------------------
-def _pool(runs: list[dict[str, Any]], key: str, w: int) -> list[float]:
-    """The timed values of ``key`` over ``runs``, each run's first ``w`` steps left out."""
-    return [x for r in runs for x in r[key][w:]]
-
-
-def _verdict(ratio: float, ci: tuple[float, float] | None, limit: float) -> dict[str, Any]:
-    """``ratio <= limit``; ``resolved`` when the whole 95% interval lies on the same side of the limit."""
-    met = ratio <= limit
-    resolved = None if ci is None else (ci[1] <= limit if met else ci[0] > limit)
-    return {"limit": limit, "ratio": ratio, "ci95": ci, "met": met, "resolved": resolved}
-
-
 def analyse(s: DitBenchSettings, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per arm: pooled step times and their ratio to ``finetune`` (95% CI), memory ratios, encode time.
 
@@ -546,14 +423,15 @@ def analyse(s: DitBenchSettings, runs: list[dict[str, Any]]) -> dict[str, Any]:
     w = s.warmup_steps
     by_arm = {arm: sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["rep"]) for arm in ARMS}
     base_runs = by_arm[BASELINE]
-    base_by_rep = {r["rep"]: r for r in base_runs}
-    base_times = _pool(base_runs, "step_times_s", w)
-    base_stats = timing_stats(base_times, _pool(base_runs, "foreign_cores", w))
+    base_times = harness.pool(base_runs, "step_times_s", w)
+    base_stats = harness.timing_stats(base_times, harness.pool(base_runs, "foreign_cores", w))
     arms: dict[str, Any] = {}
     for arm, rs in by_arm.items():
-        times = _pool(rs, "step_times_s", w)
-        stats = timing_stats(times, _pool(rs, "foreign_cores", w))
-        encode = [a + b for a, b in zip(_pool(rs, "encode_target_s", w), _pool(rs, "encode_bank_s", w), strict=True)]
+        times = harness.pool(rs, "step_times_s", w)
+        stats = harness.timing_stats(times, harness.pool(rs, "foreign_cores", w))
+        encode_target, encode_bank = harness.pool(rs, "encode_target_s", w), harness.pool(rs, "encode_bank_s", w)
+        encode = [a + b for a, b in zip(encode_target, encode_bank, strict=True)]
+        data = harness.pool(rs, "data_times_s", w)
         clean, base_clean = stats["clean_mean_step_s"], base_stats["clean_mean_step_s"]
         arms[arm] = {
             "arm": arm,
@@ -563,26 +441,22 @@ def analyse(s: DitBenchSettings, runs: list[dict[str, Any]]) -> dict[str, Any]:
             **stats,
             "images_per_s": s.batch_size / stats["mean_step_s"],
             "step_time_ratio": stats["mean_step_s"] / base_stats["mean_step_s"],
-            "step_time_ratio_ci95": None if arm == BASELINE else ratio_ci(times, base_times),
+            "step_time_ratio_ci95": None if arm == BASELINE else harness.ratio_ci(times, base_times),
             "median_step_time_ratio": stats["median_step_s"] / base_stats["median_step_s"],
-            "clean_step_time_ratio": clean / base_clean if clean and base_clean else None,
-            "paired_step_time_ratios": [r["mean_step_s"] / base_by_rep[r["rep"]]["mean_step_s"] for r in rs],
+            "clean_step_time_ratio": harness.ratio(clean, base_clean),
+            "paired_step_time_ratios": harness.paired_ratios(rs, base_runs, "mean_step_s"),
             "rep_spread_step": rs[-1]["mean_step_s"] / rs[0]["mean_step_s"],
             "mean_encode_s": statistics.fmean(encode),
-            "mean_encode_target_s": statistics.fmean(_pool(rs, "encode_target_s", w)),
-            "mean_encode_bank_s": statistics.fmean(_pool(rs, "encode_bank_s", w)),
-            "mean_bank_read_s": statistics.fmean(_pool(rs, "bank_read_s", w)),
+            "mean_encode_target_s": statistics.fmean(encode_target),
+            "mean_encode_bank_s": statistics.fmean(encode_bank),
+            "mean_bank_read_s": statistics.fmean(harness.pool(rs, "bank_read_s", w)),
             "encode_share": statistics.fmean(encode) / stats["mean_step_s"],
-            "mean_data_s": statistics.fmean(_pool(rs, "data_times_s", w)) if _pool(rs, "data_times_s", w) else None,
+            "mean_data_s": statistics.fmean(data) if data else None,
             "peak_memory_bytes": [r["peak_memory_bytes"] for r in rs],
-            "peak_memory_ratio": statistics.fmean(
-                r["peak_memory_bytes"] / base_by_rep[r["rep"]]["peak_memory_bytes"] for r in rs
-            ),
+            "peak_memory_ratio": statistics.fmean(harness.paired_ratios(rs, base_runs, "peak_memory_bytes")),
             "peak_rss_bytes": [r["peak_rss_bytes"] for r in rs],
             "peak_rss_delta_bytes": [r["peak_rss_delta_bytes"] for r in rs],
-            "peak_rss_delta_ratio": statistics.fmean(
-                r["peak_rss_delta_bytes"] / base_by_rep[r["rep"]]["peak_rss_delta_bytes"] for r in rs
-            ),
+            "peak_rss_delta_ratio": statistics.fmean(harness.paired_ratios(rs, base_runs, "peak_rss_delta_bytes")),
             "final_loss": [r["final_loss"] for r in rs],
             "foreign_cpu_cores": [r["foreign_cpu_cores"] for r in rs],
         }
@@ -591,66 +465,30 @@ def analyse(s: DitBenchSettings, runs: list[dict[str, Any]]) -> dict[str, Any]:
     saved = base["mean_encode_s"] * arms[TARGET_ARM]["bank_per_batch"] / s.batch_size
     predicted = (base["mean_step_s"] - saved) / base["mean_step_s"]
     target = arms[TARGET_ARM]
+    verdict = harness.against_limit(target["step_time_ratio"], TARGET_MAX_RATIO, ci=target["step_time_ratio_ci95"])
     return {
         "arms": arms,
         "baseline_mean_step_s": base_stats["mean_step_s"],
         "predicted_cached_ratio": predicted,
         "target": {
             "arm": TARGET_ARM,
-            **_verdict(target["step_time_ratio"], target["step_time_ratio_ci95"], TARGET_MAX_RATIO),
+            "limit": TARGET_MAX_RATIO,
+            "ratio": verdict["value"],
+            **{key: verdict[key] for key in ("ci95", "met", "resolved")},
         },
     }
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine and report
+# Report (a function of the saved JSON)
 # ---------------------------------------------------------------------------------------------
-def machine_info(device: str) -> dict[str, Any]:
-    """CPU (and GPU), cores, memory and library versions, so results from different machines are told apart.
-
-    ``bench_engine.machine_info`` asks ``git`` in a subprocess for the commit; this one reads ``.git``
-    directly, and adds diffusers and the GPU."""
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo", encoding="ascii") as handle:
-        total_kib = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal:"))
-    info = {
-        "cpu": cpu,
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "cores_online": os.cpu_count(),
-        "ram_gib": round(total_kib / MIB, 1),
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "commit": _read_commit(),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-    }
-    return info
-
-
-def _mib(n: float) -> str:
-    return f"{n / MIB:,.1f}"
-
-
 def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.1f}"
 
 
-def _ci(interval: tuple[float, float] | list[float] | None) -> str:
-    return "" if interval is None else f" ({interval[0]:.3f}-{interval[1]:.3f})"
-
-
-def _params(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+def _times(value: float, interval: list[float] | None) -> str:
+    """``1.012x (0.990-1.034)``: a ratio to finetune with its 95% interval when there is one."""
+    return f"{value:.3f}x" + (f" {harness.ci(interval)}" if interval is not None else "")
 
 
 def target_sentence(summary: dict[str, Any]) -> str:
@@ -662,8 +500,8 @@ def target_sentence(summary: dict[str, Any]) -> str:
     elif t["resolved"] is None:
         verdict += " (no interval: too few timed steps)"
     return (
-        f"Target: {TARGET_ARM} step time <= {TARGET_MAX_RATIO:.2f}x finetune. Measured "
-        f"{t['ratio']:.3f}x{_ci(t['ci95'])}: {verdict}."
+        f"Target: {t['arm']} step time <= {t['limit']:.2f}x finetune. Measured {_times(t['ratio'], t['ci95'])}: "
+        f"{verdict}."
     )
 
 
@@ -681,8 +519,8 @@ def reading_the_numbers(report: dict[str, Any]) -> list[str]:
         for name in ARMS
         if name != BASELINE
     )
-    predicted = summary["predicted_cached_ratio"]
-    within = "within" if predicted <= TARGET_MAX_RATIO else "above"
+    predicted, limit = summary["predicted_cached_ratio"], summary["target"]["limit"]
+    within = "within" if predicted <= limit else "above"
     read_only = 1 + uncached["mean_bank_read_s"] / base["mean_step_s"]
     text = (
         "Expected: every arm runs the DiT forward and backward on the same "
@@ -691,15 +529,16 @@ def reading_the_numbers(report: dict[str, Any]) -> list[str]:
         f"split loss). With cached bank latents it encodes {batch - bank} images instead of {batch} and samples "
         f"{bank} latents from stored moments, so it should be slightly *faster* than plain fine-tuning: finetune "
         f"spends {_ms(base['mean_encode_s'])} ms of its {_ms(base['mean_step_s'])} ms step in the VAE "
-        f"({base['encode_share']:.0%}), which predicts {predicted:.3f}x, {within} the {TARGET_MAX_RATIO:.2f}x "
+        f"({base['encode_share']:.0%}), which predicts {predicted:.3f}x, {within} the {limit:.2f}x "
         f"target. Without the cache the bank's {bank} PNGs are decoded ({_ms(uncached['mean_bank_read_s'])} ms "
         f"per step, {read_only:.3f}x by itself) and encoded in a second, smaller VAE call "
         f"({_ms(uncached['mean_encode_bank_s'])} ms, against {_ms(cached['mean_encode_bank_s'])} ms for sampling "
         "from cached moments), so it should land near 1.0x, a little above. Peak memory should not change: the "
         "model, gradients, optimizer state and EMA copy are the same, and the bank adds at most a small "
-        f"no-grad VAE call or a few kilobytes of moments. Measured: cof_cached {cached['step_time_ratio']:.3f}x"
-        f"{_ci(cached['step_time_ratio_ci95'])}, cof_uncached {uncached['step_time_ratio']:.3f}x"
-        f"{_ci(uncached['step_time_ratio_ci95'])} (medians {cached['median_step_time_ratio']:.3f}x and "
+        "no-grad VAE call or a few kilobytes of moments. Measured: cof_cached "
+        f"{_times(cached['step_time_ratio'], cached['step_time_ratio_ci95'])}, cof_uncached "
+        f"{_times(uncached['step_time_ratio'], uncached['step_time_ratio_ci95'])} (medians "
+        f"{cached['median_step_time_ratio']:.3f}x and "
         f"{uncached['median_step_time_ratio']:.3f}x); peak memory / finetune {memory}. Repeating an arm changed "
         f"its mean step by a factor {min(spreads):.3f}-{max(spreads):.3f} (rep 2 / rep 1) and the 95% intervals "
         f"are up to ±{widest:.3f} wide: a difference smaller than that is not resolved by this run."
@@ -711,32 +550,24 @@ def reading_the_numbers(report: dict[str, Any]) -> list[str]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable report: set-up, the table of arms, the target verdict, the runs, the reading."""
-    s, machine, runs, summary = report["settings"], report["machine"], report["runs"], report["summary"]
+    s, runs, summary = report["settings"], report["runs"], report["summary"]
     model, arms = report["model"], summary["arms"]
     cuda = s["device"] == "cuda"
     memory = "CUDA max allocated" if cuda else "RSS"
-    order = ", ".join(arm for arm, _ in schedule(ARMS, s["repeats"]))
-    device = f"GPU {machine['gpu']}; " if cuda else ""
+    order = ", ".join(arm for arm, _ in report["schedule"])
+    title = f"Chain of forgetting vs plain DiT fine-tuning: step time and memory ({'CUDA' if cuda else 'CPU'})"
     lines = [
-        f"# Chain of forgetting vs plain DiT fine-tuning: step time and memory ({'CUDA' if cuda else 'CPU'})",
-        "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Machine: {device}{machine['cpu']}, {machine['cores_usable']} usable cores ({machine['torch_threads']} "
-        f"torch threads), {machine['ram_gib']} GiB RAM; Python {machine['python']}, torch {machine['torch']}, "
-        f"diffusers {machine['diffusers']}, transformers {machine['transformers']}; {machine['date']}; commit "
-        f"{machine['commit'] or 'unknown'}.",
-        "",
-        f"Set-up: random-init latent DiT ({_params(model['dit_parameters'])} parameters: hidden {model['hidden']}, "
-        f"{model['layers']} layers, patch {model['patch_size']}, learned sigma, {model['label_rows']} label rows + "
-        f"null) on {model['latent_shape']} latents of a random-init frozen `AutoencoderKL` "
-        f"({_params(model['vae_encoder_parameters'])} encoder parameters, blocks {model['vae_channels']}) of "
-        f"{model['image_size']} px RGB PNGs; fp32; target: {s['target_classes']} classes of synthetic images, "
-        f"bank: {s['bank_images']} PNGs with `cache_bank_latents`. Batch {s['batch_size']} (cof: "
-        f"{arms['cof_cached']['target_per_batch']} target + {arms['cof_cached']['bank_per_batch']} bank), AdamW, "
-        f"constant LR {s['learning_rate']}, EMA every step. {s['steps']} steps per run, the first "
-        f"{s['warmup_steps']} not timed; runs in the order {order}, each from a freshly seeded DiT, after a "
-        f"warm-up at tiny size. Total wall time {report['total_wall_s']:.0f} s"
+        *harness.report_header(title, report, LIBRARIES),
+        f"Set-up: random-init latent DiT ({harness.params(model['dit_parameters'])} parameters: hidden "
+        f"{model['hidden']}, {model['layers']} layers, patch {model['patch_size']}, learned sigma, "
+        f"{model['label_rows']} label rows + null) on {model['latent_shape']} latents of a random-init frozen "
+        f"`AutoencoderKL` ({harness.params(model['vae_encoder_parameters'])} encoder parameters, blocks "
+        f"{harness.as_tuples(model['vae_channels'])}) of {model['image_size']} px RGB PNGs; fp32; target: "
+        f"{s['target_classes']} classes of synthetic images, bank: {s['bank_images']} PNGs with `cache_bank_latents`. "
+        f"Batch {s['batch_size']} (cof: {arms['cof_cached']['target_per_batch']} target + "
+        f"{arms['cof_cached']['bank_per_batch']} bank), AdamW, constant LR {s['learning_rate']}, EMA every step. "
+        f"{s['steps']} steps per run, the first {s['warmup_steps']} not timed; runs in the order {order}, each from a "
+        f"freshly seeded DiT, after a warm-up at tiny size. Total wall time {report['total_wall_s']:.0f} s"
         f"{' (quick mode: tiny models, numbers only show that the script works)' if s['quick'] else ''}.",
         "",
         "Columns: *ms/step* over the timed steps of all repetitions (on_step_begin .. on_step_end: forward, "
@@ -751,48 +582,51 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s['batch_size']} images of a step.",
         "",
     ]
-    busy = [r for r in runs if r["foreign_cpu_cores"] > CONTENDED_CORES]
-    if not cuda and (busy or report["foreign_cpu_cores_at_start"] > CONTENDED_CORES):
-        worst = max([r["foreign_cpu_cores"] for r in runs] + [report["foreign_cpu_cores_at_start"]])
-        lines += [
-            f"**Warning:** other processes used the CPUs during {len(busy)} of {len(runs)} runs (up to {worst:.2f} "
-            "cores on average); the speed ratios are noisy (the ratios of uncontended steps alone are in the JSON).",
-            "",
-        ]
+    if not cuda:
+        advice = "the speed ratios are noisy (the ratios of uncontended steps alone are in the JSON)."
+        lines += harness.contention_warning(runs, report["foreign_cpu_cores_at_start"], advice)
     lines += [
-        "| arm | batch (target + bank) | ms/step median | ms/step mean | / finetune (95% CI) | median / finetune "
-        f"| VAE ms/step | bank read ms/step | data ms/step | peak {memory} (MiB) | peak / finetune "
-        "| Δ peak RSS / finetune | images/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, a in arms.items():
-        peaks = ", ".join(_mib(x) for x in a["peak_memory_bytes"])
-        lines.append(
-            f"| {name} | {a['target_per_batch']} + {a['bank_per_batch']} | {_ms(a['median_step_s'])} "
-            f"| {_ms(a['mean_step_s'])} | {a['step_time_ratio']:.3f}{_ci(a['step_time_ratio_ci95'])} "
-            f"| {a['median_step_time_ratio']:.3f} | {_ms(a['mean_encode_s'])} | {_ms(a['mean_bank_read_s'])} "
-            f"| {_ms(a['mean_data_s'])} | {peaks} | {a['peak_memory_ratio']:.3f} | {a['peak_rss_delta_ratio']:.3f} "
-            f"| {a['images_per_s']:.1f} |"
-        )
-    lines += ["", target_sentence(summary), "", "Arms:", ""]
-    lines += [f"* `{name}`: {ARM_DESCRIPTIONS[name]}" for name in ARMS]
-    lines += [
+        *harness.table(
+            ["arm", "batch (target + bank)", "ms/step median", "ms/step mean", "/ finetune (95% CI)"]
+            + ["median / finetune", "VAE ms/step", "bank read ms/step", "data ms/step", f"peak {memory} (MiB)"]
+            + ["peak / finetune", "Δ peak RSS / finetune", "images/s"],
+            [
+                [name, f"{a['target_per_batch']} + {a['bank_per_batch']}", _ms(a["median_step_s"])]
+                + [_ms(a["mean_step_s"]), harness.with_ci(a["step_time_ratio"], a["step_time_ratio_ci95"])]
+                + [f"{a['median_step_time_ratio']:.3f}", _ms(a["mean_encode_s"]), _ms(a["mean_bank_read_s"])]
+                + [_ms(a["mean_data_s"]), ", ".join(harness.mib(x) for x in a["peak_memory_bytes"])]
+                + [f"{a['peak_memory_ratio']:.3f}", f"{a['peak_rss_delta_ratio']:.3f}", f"{a['images_per_s']:.1f}"]
+                for name, a in arms.items()
+            ],
+        ),
+        "",
+        target_sentence(summary),
+        "",
+        "Arms:",
+        "",
+        *(f"* `{name}`: {a['description']}" for name, a in arms.items()),
         "",
         "## Runs in execution order",
         "",
-        "| arm | rep | start (s) | ms/step mean | stdev (ms) | n | VAE ms/step | peak RSS (MiB) | Δ RSS (MiB) "
-        "| final loss | non-step (s) | other procs | steal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *harness.table(
+            ["arm", "rep", "start (s)", "ms/step mean", "stdev (ms)", "n", "VAE ms/step", "peak RSS (MiB)"]
+            + ["Δ RSS (MiB)", "final loss", "non-step (s)", "other procs", "steal"],
+            [
+                [r["arm"], r["rep"], f"{r['start_s']:.0f}", _ms(r["mean_step_s"]), _ms(r["stdev_step_s"])]
+                + [
+                    r["timed_steps"],
+                    _ms(r["mean_encode_s"]),
+                    harness.mib(r["peak_rss_bytes"]),
+                    harness.mib(r["peak_rss_delta_bytes"]),
+                ]
+                + [harness.num(r["final_loss"], 4), f"{r['non_step_s']:.1f}", f"{r['foreign_cpu_cores']:.2f}"]
+                + [f"{r['steal_cpu_cores']:.2f}"]
+                for r in runs
+            ],
+        ),
+        "",
+        *reading_the_numbers(report),
     ]
-    for r in runs:
-        loss = "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}"
-        lines.append(
-            f"| {r['arm']} | {r['rep']} | {r['start_s']:.0f} | {_ms(r['mean_step_s'])} | {_ms(r['stdev_step_s'])} "
-            f"| {r['timed_steps']} | {_ms(r['mean_encode_s'])} | {_mib(r['peak_rss_bytes'])} "
-            f"| {_mib(r['peak_rss_delta_bytes'])} | {loss} | {r['non_step_s']:.1f} | {r['foreign_cpu_cores']:.2f} "
-            f"| {r['steal_cpu_cores']:.2f} |"
-        )
-    lines += ["", *reading_the_numbers(report)]
     return "\n".join(lines)
 
 
@@ -818,64 +652,33 @@ def describe_models(s: DitBenchSettings, vae: torch.nn.Module) -> dict[str, Any]
 def _progress(run: dict[str, Any], seconds: float) -> str:
     return (
         f"[bench] {run['arm']:12s} rep {run['rep']}: {_ms(run['median_step_s'])} ms/step median, VAE "
-        f"{_ms(run['mean_encode_s'])} ms, peak {_mib(run['peak_memory_bytes'])} MiB, other processes "
+        f"{_ms(run['mean_encode_s'])} ms, peak {harness.mib(run['peak_memory_bytes'])} MiB, other processes "
         f"{run['foreign_cpu_cores']:.2f} cores ({seconds:.0f}s)"
     )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the arms in palindromic order, analyse, write ``bench_dit_<device>.{json,md}``; returns the report."""
-    s = parse_args(argv)
-    previous_threads = torch.get_num_threads()
-    s.threads = s.threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(s.threads)
-    transformers.logging.set_verbosity_error()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    command = " ".join(shlex.quote(a) for a in [sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
-    try:
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="bench-dit-") as tmp:
-            warnings.simplefilter("ignore")
-            foreign_at_start = wait_for_idle(s.wait_idle_s) if s.wait_idle_s > 0 else 0.0
-            if foreign_at_start > 0.15:
-                print(f"[bench] WARNING: other processes use {foreign_at_start:.2f} cores; timings will be noisy")
-            started = time.perf_counter()
-            root = Path(tmp)
-            print(f"[bench] data and warm-up ({s.device}, {s.threads} threads)", flush=True)
-            vae = build_vae(s.spec, s.seed)
-            target_dir = write_target_folder(root / "target", s)
-            bank_dir = write_bank_folder(root / "bank", s, vae)
-            model = describe_models(s, vae)
-            park_heap()
-            warm_up(s, root / "warmup")
-            park_heap()  # what the warm-up imported lazily (matplotlib for the stage timeline)
-            runs = []
-            for arm, rep in schedule(ARMS, s.repeats):
-                t0 = time.perf_counter()
-                run = run_one(s, arm, vae, target_dir, bank_dir, rep=rep)
-                run["start_s"] = t0 - started
-                runs.append(run)
-                print(_progress(run, time.perf_counter() - t0), flush=True)
-            summary = analyse(s, runs)
-            report = {
-                "command": command,
-                "settings": asdict(s),
-                "machine": machine_info(s.device),
-                "model": model,
-                "schedule": [list(x) for x in schedule(ARMS, s.repeats)],
-                "foreign_cpu_cores_at_start": foreign_at_start,
-                "runs": runs,
-                "summary": summary,
-                "total_wall_s": time.perf_counter() - started,
-            }
-    finally:
-        gc.unfreeze()
-        torch.set_num_threads(previous_threads)
-    stem = f"{RESULT_STEM}_{s.device}"
-    out = Path(s.output_dir)
-    atomic_write_json(out / f"{stem}.json", report)
-    markdown = render_markdown(report)
-    atomic_write_text(out / f"{stem}.md", markdown)
-    print(markdown)
+    s = harness.parse_settings(DitBenchSettings, argv, __doc__)
+    with (
+        harness.benchmark_session(s, "benchmarks.bench_dit", argv) as bench,
+        tempfile.TemporaryDirectory(prefix="bench-dit-") as tmp,
+    ):
+        root = Path(tmp)
+        print(f"[bench] data and warm-up ({s.device}, {s.threads} threads)", flush=True)
+        vae = build_vae(s.spec, s.seed)
+        target_dir = write_target_folder(root / "target", s)
+        bank_dir = write_bank_folder(root / "bank", s, vae)
+        model = describe_models(s, vae)
+        harness.park_heap()
+        warm_up(s, root / "warmup")
+        harness.park_heap()  # what the warm-up imported lazily (matplotlib for the stage timeline)
+        schedule = harness.palindrome(ARMS, s.repeats)
+        for arm, rep in schedule:
+            bench.measure(_progress, run_one, s, arm, vae, target_dir, bank_dir, rep=rep)
+        summary = analyse(s, bench.runs)
+        report = bench.report(schedule, LIBRARIES, s.device, setup={"model": model}, summary=summary)
+    print(harness.save_report(Path(s.output_dir) / f"{RESULT_STEM}_{s.device}.json", report, render_markdown))
     return report
 
 

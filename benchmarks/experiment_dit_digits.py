@@ -1,7 +1,9 @@
 """Does chain of forgetting transfer a DiT better than plain fine-tuning? A CPU test on real digits.
 
-    HF_HUB_OFFLINE=1 python benchmarks/experiment_dit_digits.py            # about 15 min on 2 idle cores
-    HF_HUB_OFFLINE=1 python benchmarks/experiment_dit_digits.py --quick    # a smoke test, 1 min
+    HF_HUB_OFFLINE=1 python -m benchmarks.experiment_dit_digits            # about 15 min on 2 idle cores
+    HF_HUB_OFFLINE=1 python -m benchmarks.experiment_dit_digits --quick    # a smoke test, 1 min
+
+(run as a module from the repository root).
 
 1. scikit-learn's digits (real 8x8 scans) are exported as image folders: digits 0-4 (source) and 5-9
    (target); a small CNN classifier is trained on all ten digits for the feature space of the FID.
@@ -11,9 +13,10 @@
    chain of forgetting (power-law t, 6 of 32 samples from the bank), with the same steps, optimiser,
    EMA and seeds (recipes/configs/dit_digits_{finetune,chain_of_forgetting}.yaml); two ablations take
    one ingredient each: ``timesteps_only`` (power-law t, no bank) and ``bank_only`` (uniform t, bank).
-4. Every run is scored the same way: ``--num-samples`` EMA samples with labels drawn from the target
-   classes, DiT's sampler, FID against the held-out target test images in the classifier's features,
-   k-NN precision/recall, and the share of samples the classifier reads as the intended digit.
+4. Every run is scored the same way, by ``eval.evaluate_dit.sample_and_score`` (what ``eval/evaluate_dit.py``
+   runs): ``--num-samples`` EMA samples with labels drawn from the target classes, DiT's sampler, FID
+   against the held-out target test images in the classifier's features, k-NN precision/recall; and the
+   share of samples the classifier reads as the intended digit.
 
 Writes benchmarks/results/experiment_dit_digits.{json,md} and sample grids under
 benchmarks/results/experiment_dit_digits/. Finished runs are kept in --work-dir and skipped when the
@@ -24,10 +27,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
+import importlib
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,23 +37,17 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import harness
+from datasets_builders.digits import export_digits
+from datasets_builders.knowledge_bank import KnowledgeBankArguments, build_knowledge_bank
+from eval.digits_classifier import load_digits_classifier, save_digits_classifier, train_digits_classifier
+from eval.evaluate_dit import sample_and_score
+from eval.fid import load_feature_extractor, load_image_folder
+from hf_tuning.diffusion import SamplingArguments, load_run, sample_dit, save_image_grid
+from hf_tuning.io import atomic_write_json, read_json
 
-from datasets_builders.digits import export_digits  # noqa: E402
-from datasets_builders.knowledge_bank import KnowledgeBankArguments, build_knowledge_bank  # noqa: E402
-from eval.digits_classifier import (  # noqa: E402
-    load_digits_classifier,
-    prepare_digits,
-    save_digits_classifier,
-    train_digits_classifier,
-)
-from eval.fid import compute_fid, load_feature_extractor, load_image_folder  # noqa: E402
-from hf_tuning.diffusion import SamplingArguments, load_run, sample_dit, sample_run, save_image_grid  # noqa: E402
-from hf_tuning.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
-
-CONFIGS = ROOT / "recipes" / "configs"
-RESULTS = ROOT / "benchmarks" / "results"
+CONFIGS = harness.ROOT / "recipes" / "configs"
+RESULTS = harness.ROOT / "benchmarks" / "results"
 # arm -> (config, whether it reads the knowledge bank); the last two take one ingredient each (ablations)
 ARMS = {
     "finetune": ("dit_digits_finetune.yaml", False),
@@ -86,22 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 @functools.cache
-def _recipe_module() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "dit_chain_of_forgetting", ROOT / "recipes/dit_chain_of_forgetting.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 def recipe(config: Path, output_dir: Path, overrides: dict[str, Any]) -> None:
     """Run recipes/dit_chain_of_forgetting.py in-process (one Python, no re-import per run)."""
     argv = ["--config", str(config), "--output_dir", str(output_dir)]
     for key, value in overrides.items():
         argv += [f"--{key}", str(value)]
-    _recipe_module().main(argv)
+    importlib.import_module("recipes.dit_chain_of_forgetting").main(argv)
 
 
 def config_value(config: str, key: str) -> Any:
@@ -111,9 +97,10 @@ def config_value(config: str, key: str) -> Any:
 
 
 def class_accuracy(classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, offset: int) -> float:
-    """Share of samples the digits classifier reads as the digit their label asked for."""
+    """Share of samples the digits classifier reads as the digit their label asked for (the classifier prepares
+    its input itself: one grey channel at its own size)."""
     with torch.no_grad():
-        predicted = classifier(prepare_digits(images, classifier.image_size)).argmax(dim=1)
+        predicted = classifier(images).argmax(dim=1)
     return float((predicted == labels + offset).float().mean() * 100)
 
 
@@ -136,19 +123,23 @@ def score(
     reference: torch.Tensor,
     offset: int,
 ) -> dict[str, Any]:
+    """The DiT evaluation's sampling and FID (one protocol for every run, noise seed 12345), plus the share of
+    samples read as the asked digit; ``sampling_seconds`` covers all of it."""
     transformer, vae, config = load_run(run_dir)
     started = time.perf_counter()
-    images, labels = sample_run(
+    samples = sample_and_score(
         transformer,
         vae,
+        config,
         num_samples=args.num_samples,
-        num_classes=len(config["classes"]),
-        null_class=config["null_class"],
         sampling=sampling_settings(args),
         seed=12345,
+        extractor=extractor,
+        reference=reference,
+        with_precision_recall=True,
     )
-    result = compute_fid(extractor, reference, images, with_precision_recall=True)
-    result["class_accuracy"] = class_accuracy(classifier, images, labels, offset)
+    result = dict(samples.scores)
+    result["class_accuracy"] = class_accuracy(classifier, samples.images, samples.labels, offset)
     result["sampling_seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -178,11 +169,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
         row: dict[str, Any] = {"n": len(results)}
         for key in ("fid", "precision", "recall", "class_accuracy"):
             values = [r[key] for r in results]
-            row[key] = {
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "values": values,
-            }
+            mean, std = harness.mean_std(values)
+            row[key] = {"mean": mean, "std": std, "values": values}
         table[arm] = row
     return table
 
@@ -311,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}",
-        "command": "python benchmarks/experiment_dit_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.experiment_dit_digits " + " ".join(argv if argv is not None else sys.argv[1:]),
         "setup": {
             "layers": config.num_layers,
             "hidden": config.num_attention_heads * config.attention_head_dim,
@@ -334,8 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "grids": grids,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    atomic_write_json(output.with_suffix(".json"), report)
-    atomic_write_text(output.with_suffix(".md"), markdown(report))
+    harness.save_report(output.with_suffix(".json"), report, markdown)
     print(json.dumps(report["table"], indent=2))
     return report
 

@@ -2,7 +2,8 @@
 
 One recipe run (``recipes/agrimatech_llama_dt3.py`` with ``recipes/configs/agrimatech_smollm2_dt3.yaml``) per
 (variant, budget, seed), then, on the trained PeftModel itself (no reload), the held-out assistant-token
-loss on the fixed ``test`` split and ROUGE-L of greedy answers to its first questions. Budgets, with
+loss on the fixed ``test`` split and ROUGE-L of greedy answers to its first questions, both computed by
+``eval.evaluate_sft`` (the SFT evaluation's own functions, as its CLI runs them). Budgets, with
 ``--steps-per-stage`` S optimizer steps at batch 8:
 
 * ``per_stage``: every stage trains S steps (the paper): ost S, dt1/dt2 4xS, dt3/dt4 2xS;
@@ -13,18 +14,19 @@ appears in both tables. The untuned base model is evaluated once as a reference.
 
 Every run writes ``<results-dir>/experiment_dt/<run>.json`` atomically and a run whose file exists is
 skipped, so the experiment can be stopped and restarted. The aggregation (also alone with
-``--aggregate-only``) writes ``<results-dir>/experiment_dt_variants.{json,md,png}``.
+``--aggregate-only``) writes ``<results-dir>/experiment_dt_variants.{json,md,png}``. Run it as a module from
+the repository root (each run is a worker subprocess started the same way):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/experiment_dt_variants.py            # the full experiment
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/experiment_dt_variants.py --aggregate-only
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/experiment_dt_variants.py --smoke --results-dir /tmp/exp_smoke
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiment_dt_variants            # the full experiment
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiment_dt_variants --aggregate-only
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiment_dt_variants --smoke --results-dir /tmp/exp_smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
+import importlib
 import json
 import os
 import statistics
@@ -41,12 +43,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+MODULE = "benchmarks.experiment_dt_variants"  # what workers run: python -m MODULE --worker ...
 
 from hf_tuning.io import atomic_output, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
-RECIPE = ROOT / "recipes" / "agrimatech_llama_dt3.py"
 CONFIG = ROOT / "recipes" / "configs" / "agrimatech_smollm2_dt3.yaml"
 VARIANTS = ("ost", "dt1", "dt2", "dt3", "dt4")
 BUDGETS = ("per_stage", "split")
@@ -189,12 +189,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ExperimentSettings, argpa
 # imports and model loading, small against the minutes a run trains, and the trained PeftModel is still
 # evaluated where it was trained (trainer.model, no reload).
 def load_recipe() -> Any:
-    """``recipes/`` is not a package: import the recipe module by path."""
-    spec = importlib.util.spec_from_file_location("agrimatech_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look the module up while they are built
-    spec.loader.exec_module(module)
-    return module
+    """The flagship recipe's module (imported on first use: the experiment's parent process never trains)."""
+    return importlib.import_module("recipes.agrimatech_llama_dt3")
 
 
 def recipe_argv(s: ExperimentSettings, run: RunSpec) -> list[str]:
@@ -233,50 +229,37 @@ def recipe_yaml(s: ExperimentSettings) -> dict[str, Any]:
 
 
 def heldout_conversations(s: ExperimentSettings) -> list[list[dict[str, Any]]]:
-    """The fixed held-out ``test`` split of the data the recipe trains on."""
-    from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrimachine_dataset
+    """The fixed held-out ``test`` split of the data the recipe trains on, read as the SFT evaluation reads it."""
+    from eval.evaluate_sft import load_conversations
 
-    source = recipe_yaml(s).get("dataset_name_or_path", "agrimachine_sample")
-    splits, _ = build_agrimachine_dataset(AgriMachineDataArguments(dataset_name_or_path=source, validation_size=0))
-    return [list(messages) for messages in splits["test"]["messages"]]
+    return load_conversations(recipe_yaml(s).get("dataset_name_or_path", "agrimachine_sample"), "test", None)
 
 
-def stop_tokens(s: ExperimentSettings, tokenizer: Any) -> list[str]:
-    """The training template's end-of-turn token: generation must stop on it."""
-    from hf_tuning.llm.chat_templates import detect_template_name, end_of_turn_token
-
-    name = recipe_yaml(s).get("chat_template", "auto")
-    return [end_of_turn_token(tokenizer, detect_template_name(tokenizer) if name == "auto" else name)]
-
-
-def evaluate(s: ExperimentSettings, model: Any, tokenizer: Any) -> dict[str, Any]:
-    """Held-out loss on the test rows, ROUGE-L (and friends) of greedy answers to the first questions."""
-    from eval.evaluate_sft import generate_answers, heldout_loss, score_answers, split_reference
+def evaluate(s: ExperimentSettings, model: Any, tokenizer: Any, chat_template: str) -> dict[str, Any]:
+    """Held-out loss on the test rows, ROUGE-L (and friends) of greedy answers to the first questions, by
+    ``eval.evaluate_sft.evaluate_model``; generation stops on ``chat_template``'s end of turn and the EOS."""
+    from eval.evaluate_sft import evaluate_model
 
     conversations = heldout_conversations(s)
     scored = conversations[: s.heldout_examples] if s.heldout_examples else conversations
-    model.eval()
-    t0 = time.perf_counter()
-    loss = heldout_loss(model, tokenizer, scored, batch_size=s.eval_batch_size, max_length=HELDOUT_MAX_LENGTH)
-    t1 = time.perf_counter()
     asked = conversations[: s.rouge_examples]
-    answers = generate_answers(
+    metrics, answers = evaluate_model(
         model,
         tokenizer,
         asked,
+        loss_conversations=scored,
         batch_size=s.eval_batch_size,
         max_new_tokens=s.max_new_tokens,
-        stop_tokens=stop_tokens(s, tokenizer),
+        max_length=HELDOUT_MAX_LENGTH,
+        chat_template=chat_template,
     )
-    t2 = time.perf_counter()
-    scores = score_answers(answers, [split_reference(c)[1] for c in asked])
     return {
-        **loss,
-        **scores,
+        **{key: metrics[key] for key in ("loss", "perplexity", "tokens")},
+        **{key: metrics[key] for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")},
         "heldout_rows": len(scored),
         "rouge_rows": len(asked),
-        "loss_eval_s": t1 - t0,
-        "generation_s": t2 - t1,
+        "loss_eval_s": metrics["loss_seconds"],
+        "generation_s": metrics["generation_seconds"],
         "answers": answers,
     }
 
@@ -289,7 +272,9 @@ def run_trained(s: ExperimentSettings, run: RunSpec) -> dict[str, Any]:
     train_wall = time.perf_counter() - t0
     trainer = result["trainer"]
     records = trainer.stage_records
-    evaluation = evaluate(s, trainer.model, trainer.processing_class)
+    # the recipe applied its template (an 'auto' one resolved there) and put its stop ids on the generation config
+    template = recipe_yaml(s).get("chat_template", "auto")
+    evaluation = evaluate(s, trainer.model, trainer.processing_class, template)
     stage_steps = [r.steps for r in records]
     return {
         "stages": len(trainer.stage_plan),
@@ -308,19 +293,18 @@ def run_trained(s: ExperimentSettings, run: RunSpec) -> dict[str, Any]:
 
 
 def run_base(s: ExperimentSettings) -> dict[str, Any]:
-    """The untuned model, loaded and prompted the way the recipe sets it up."""
-    from hf_tuning.llm.chat_templates import apply_training_chat_template
-    from hf_tuning.llm.loading import load_causal_lm, load_tokenizer
+    """The untuned model, loaded and prompted the way the recipe sets it up (as the SFT evaluation loads it)."""
+    from eval.evaluate_sft import load_model_and_tokenizer
 
     config = recipe_yaml(s)
-    name, gguf = config["model_name_or_path"], config.get("gguf_file")
-    tokenizer = load_tokenizer(name, gguf_file=gguf)
-    apply_training_chat_template(tokenizer, config.get("chat_template", "auto"))
-    model = load_causal_lm(name, gguf_file=gguf, dtype="float32")
-    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(stop_tokens(s, tokenizer)[0])}
-    model.generation_config.eos_token_id = sorted(i for i in stops if i is not None)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return {"stages": 0, "train_steps": 0, "eval": evaluate(s, model, tokenizer)}
+    model, tokenizer, template = load_model_and_tokenizer(
+        config["model_name_or_path"],
+        chat_template=config.get("chat_template", "auto"),
+        dtype="float32",
+        device="cpu",
+        gguf_file=config.get("gguf_file"),
+    )
+    return {"stages": 0, "train_steps": 0, "eval": evaluate(s, model, tokenizer, template)}
 
 
 def worker_main(s: ExperimentSettings, name: str) -> int:
@@ -369,7 +353,7 @@ def launch(s: ExperimentSettings, run: RunSpec) -> bool:
     """Run one worker; its output goes to ``experiment_dt/logs/<run>.log``. True when its result was written."""
     log_path = s.runs_dir / "logs" / f"{run.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", run.name, "--worker-settings"]
+    command = [sys.executable, "-m", MODULE, "--worker", run.name, "--worker-settings"]
     command.append(json.dumps(asdict(s)))
     with open(log_path, "w", encoding="utf-8") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, check=False)

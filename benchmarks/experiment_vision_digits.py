@@ -9,38 +9,34 @@ made (the 1,797 handwritten 8x8 digits bundled with scikit-learn):
    fine-tuning and LoRA, under the ``per_stage`` budget (every stage gets ost's epochs, as in the
    paper) and the ``split`` budget (ost's epochs divided across the stages: equal compute);
 3. every run is scored the same way: top-1 at the final epoch on the held-out test split
-   (no best-epoch picking on test).
+   (no best-epoch picking on test), by the recipe's own evaluation of the model it trained.
 
 Every run goes through ``recipes/image_classification_dt.py``. Results: ``<output-dir>/
 experiment_vision_digits.{json,md,png}``; per-run JSON under ``<output-dir>/experiment_vision/``.
+Run it as a module from the repository root:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/experiment_vision_digits.py            # ~35 min on 2 cores
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/experiment_vision_digits.py --quick    # smoke test
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiment_vision_digits            # ~35 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiment_vision_digits --quick    # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import logging
 import os
 import platform
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from datasets_builders.digits import export_digits  # noqa: E402
-from hf_tuning.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from benchmarks import harness
+from datasets_builders.digits import export_digits
+from hf_tuning.io import atomic_write_json, read_json
 
 VARIANTS = ("ost", "dt1", "dt2", "dt3", "dt4")
 BUDGETS = ("per_stage", "split")
@@ -66,13 +62,7 @@ MODES = {"full": {"learning_rate": 1e-3}, "lora": {"learning_rate": 3e-3, "lora_
 
 
 def _load_recipe():
-    spec = importlib.util.spec_from_file_location(
-        "image_classification_dt", ROOT / "recipes/image_classification_dt.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("recipes.image_classification_dt")
 
 
 def _common_argv(arch: str, data_dir: Path, output_dir: Path, seed: int, batch_size: int) -> list[str]:
@@ -150,15 +140,21 @@ def transfer(recipe, arch: str, mode: str, variant: str, budget: str, seed: int,
         }
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarise(runs: list[dict], pretrained: dict[str, float], meta: dict) -> tuple[dict, str]:
+def summarise(runs: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per ``arch/mode/variant/budget``: the top-1 of every seed, their mean and std, and the steps trained."""
     table: dict[str, dict[str, Any]] = {}
     for run in runs:
         key = f"{run['arch']}/{run['mode']}/{run['variant']}/{run['budget']}"
         table.setdefault(key, {"top1": [], "steps": run["steps"]})["top1"].append(run["test_top1"])
+    return {
+        k: dict(zip(("mean", "std"), harness.mean_std(v["top1"])), steps=v["steps"], top1=v["top1"])
+        for k, v in table.items()
+    }
+
+
+def render_markdown(report: dict) -> str:
+    """The report's markdown: a function of its saved JSON (meta, pretrained scores, summary)."""
+    meta, pretrained, summary = report["meta"], report["pretrained"], report["summary"]
     lines = [
         "# Staged tuning on real images: digits 0-4 -> 5-9",
         "",
@@ -173,14 +169,13 @@ def summarise(runs: list[dict], pretrained: dict[str, float], meta: dict) -> tup
     ]
     for arch in ARCHS:
         for mode in MODES:
-            ost_key = f"{arch}/{mode}/ost/per_stage"
-            if ost_key not in table:
+            ost = summary.get(f"{arch}/{mode}/ost/per_stage")
+            if ost is None:
                 continue
-            ost_mean, ost_std = _stats(table[ost_key]["top1"])
             lines += [
                 f"## {arch}, {mode}",
                 "",
-                f"ost: **{ost_mean:.2f} ± {ost_std:.2f}** ({table[ost_key]['steps']} steps)",
+                f"ost: **{ost['mean']:.2f} ± {ost['std']:.2f}** ({ost['steps']} steps)",
                 "",
             ]
             lines += [
@@ -190,18 +185,15 @@ def summarise(runs: list[dict], pretrained: dict[str, float], meta: dict) -> tup
             for variant in VARIANTS[1:]:
                 cells = []
                 for budget in BUDGETS:
-                    entry = table.get(f"{arch}/{mode}/{variant}/{budget}")
+                    entry = summary.get(f"{arch}/{mode}/{variant}/{budget}")
                     if entry is None:
                         cells += ["-", "-", "-"]
                         continue
-                    mean, std = _stats(entry["top1"])
-                    cells += [f"{mean:.2f} ± {std:.2f}", str(entry["steps"]), f"{mean - ost_mean:+.2f}"]
+                    mean = entry["mean"]
+                    cells += [f"{mean:.2f} ± {entry['std']:.2f}", str(entry["steps"]), f"{mean - ost['mean']:+.2f}"]
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
             lines.append("")
-    summary = {
-        k: dict(zip(("mean", "std"), _stats(v["top1"])), steps=v["steps"], top1=v["top1"]) for k, v in table.items()
-    }
-    return summary, "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -242,8 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "outputs/experiment_vision_digits")
-    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--work-dir", type=Path, default=harness.ROOT / "outputs/experiment_vision_digits")
+    parser.add_argument("--output-dir", type=Path, default=harness.ROOT / "benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, ViT full only: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -289,12 +281,10 @@ def main(argv: list[str] | None = None) -> dict:
         "archs": ARCHS,
         "modes": MODES,
     }
-    summary, markdown = summarise(runs, pretrained, meta)
+    summary = summarise(runs)
     stem = "experiment_vision_digits_quick" if args.quick else "experiment_vision_digits"
-    atomic_write_json(
-        args.output_dir / f"{stem}.json", {"meta": meta, "pretrained": pretrained, "summary": summary, "runs": runs}
-    )
-    atomic_write_text(args.output_dir / f"{stem}.md", markdown + "\n")
+    report = {"meta": meta, "pretrained": pretrained, "summary": summary, "runs": runs}
+    markdown = harness.save_report(args.output_dir / f"{stem}.json", report, render_markdown)
     plot(summary, args.output_dir / f"{stem}.png")
     print(markdown)
     return {"summary": summary, "runs": runs, "pretrained": pretrained}

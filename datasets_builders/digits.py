@@ -24,7 +24,7 @@ from PIL import Image
 
 from hf_tuning.io import atomic_directory, atomic_write_json
 
-__all__ = ["MANIFEST_NAME", "SPLITS", "DigitsExportError", "export_digits", "main"]
+__all__ = ["MANIFEST_NAME", "SPLITS", "DigitsExportError", "export_digits", "main", "split_indices", "to_png_array"]
 
 MANIFEST_NAME = "digits_export.json"
 SPLITS = ("train", "val", "test")
@@ -62,7 +62,7 @@ def _check_arguments(
     return sorted(int(d) for d in values)
 
 
-def _split_indices(
+def split_indices(
     labels: np.ndarray, indices: np.ndarray, test_fraction: float, val_fraction: float, seed: int
 ) -> dict[str, np.ndarray]:
     """Stratified train/val/test; both fractions are of the whole selection."""
@@ -76,7 +76,7 @@ def _split_indices(
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-def _to_png_array(image: np.ndarray, scale: int) -> np.ndarray:
+def to_png_array(image: np.ndarray, scale: int) -> np.ndarray:
     """0..16 intensities to 0..255, upscaled by pixel repetition (nearest neighbour)."""
     pixels = np.clip(np.rint(image.astype(np.float64) * 255.0 / 16.0), 0, 255).astype(np.uint8)
     return pixels.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else pixels
@@ -156,7 +156,7 @@ def export_digits(
     indices = np.flatnonzero(np.isin(targets, chosen))
     labels = targets[indices]
     try:
-        splits = _split_indices(labels, indices, test_fraction, val_fraction, int(seed))
+        splits = split_indices(labels, indices, test_fraction, val_fraction, int(seed))
     except ValueError as exc:  # too few images of a digit for the requested fractions
         raise ValueError(
             f"cannot split digits {chosen} with test_fraction={test_fraction}, val_fraction={val_fraction}: {exc}"
@@ -173,7 +173,7 @@ def export_digits(
                     (staging / split / f"digit_{d}").mkdir(parents=True)
                 for i in idx:
                     path = staging / split / f"digit_{int(targets[i])}" / f"{int(i)}.png"
-                    Image.fromarray(_to_png_array(images[i], int(scale))).save(path, format="PNG")
+                    Image.fromarray(to_png_array(images[i], int(scale))).save(path, format="PNG")
             sizes = {split: int(len(idx)) for split, idx in splits.items()}
             atomic_write_json(
                 staging / MANIFEST_NAME,

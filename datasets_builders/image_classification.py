@@ -2,11 +2,15 @@
 
 ``data_format`` picks the layout (ImageNet-style folders, VTAB-1k, FGVC JSON, few-shot lists);
 :func:`load_image_splits` returns the training and evaluation :class:`ImageSplit` with one class
-list, checked before any model is built.
+list, checked before any model is built. :data:`DATA_FORMATS`, :data:`DEFAULT_SPLITS` and
+:func:`read_split` are shared with ``eval/evaluate_vision.py``, so training and evaluation read a
+split the same way.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from datasets_builders.vision import (
@@ -18,10 +22,11 @@ from datasets_builders.vision import (
     vtab_split,
 )
 
-__all__ = ["DATA_FORMATS", "VisionDataArguments", "load_image_splits"]
+__all__ = ["DATA_FORMATS", "DEFAULT_SPLITS", "VisionDataArguments", "load_image_splits", "read_split"]
 
 DATA_FORMATS = ("imagefolder", "vtab", "fgvc", "fewshot")
-_DEFAULT_SPLITS = {
+# data_format -> (training split, evaluation split): the splits the papers train and report on
+DEFAULT_SPLITS: dict[str, tuple[str, str]] = {
     "imagefolder": ("train", "val"),
     "vtab": ("train800val200", "test"),
     "fgvc": ("train", "test"),
@@ -61,27 +66,47 @@ class VisionDataArguments:
             raise ValueError(f"data_format={self.data_format!r} is not one of {', '.join(DATA_FORMATS)}")
         if self.data_format != "imagefolder" and not self.task:
             raise ValueError(f"data_format={self.data_format!r} needs --task (the dataset name inside data_dir)")
-        default_train, default_eval = _DEFAULT_SPLITS[self.data_format]
+        default_train, default_eval = DEFAULT_SPLITS[self.data_format]
         self.train_split = self.train_split or default_train
         self.eval_split = self.eval_split or default_eval
 
 
+def read_split(
+    data_format: str,
+    data_dir: str | os.PathLike,
+    task: str | None,
+    split: str,
+    *,
+    classes: Sequence[str] | None = None,
+    shots: int | None = None,
+    seed: int | None = None,
+) -> ImageSplit:
+    """One split of any layout. ``classes`` (the training split's, or a trained model's) fixes the labels: an
+    image folder takes its class order from them (so a class folder missing in this split shifts no label) and a
+    few-shot list is checked against that many classes. ``shots`` and ``seed`` name a few-shot training list."""
+    if data_format == "imagefolder":
+        return image_folder_split(data_dir, split, classes=classes)
+    if data_format == "vtab":
+        return vtab_split(data_dir, task, split)
+    if data_format == "fgvc":
+        return fgvc_split(data_dir, task, split)
+    if data_format == "fewshot":
+        num_classes = len(classes) if classes is not None else None
+        return few_shot_split(data_dir, task, split, shots=shots, seed=seed, num_classes=num_classes)
+    raise ValueError(f"data_format={data_format!r} is not one of {', '.join(DATA_FORMATS)}")
+
+
 def _split(args: VisionDataArguments, split: str, classes: list[str] | None = None) -> ImageSplit:
     """One split; ``classes`` (the training split's) fixes the class list of an evaluation split."""
-    if args.data_format == "imagefolder":
-        return image_folder_split(args.data_dir, split, classes=classes)
-    if args.data_format == "vtab":
-        return vtab_split(args.data_dir, args.task, split)
-    if args.data_format == "fgvc":
-        return fgvc_split(args.data_dir, args.task, split)
     train = split == "train"
-    return few_shot_split(
+    return read_split(
+        args.data_format,
         args.data_dir,
         args.task,
         split,
+        classes=classes,
         shots=args.shots if train else None,
         seed=args.split_seed if train else None,
-        num_classes=len(classes) if classes is not None else None,
     )
 
 

@@ -282,11 +282,16 @@ def _read_list(
 
 
 def resolve_vtab_task(task: str) -> str:
-    """The canonical VTAB-1k folder name for ``task`` or one of its aliases (case and '-' insensitive)."""
-    key = task.strip().lower().replace("-", "_").replace(" ", "_")
+    """The canonical VTAB-1k name (the task's folder, its row in :data:`VTAB_GROUPS`) for ``task`` or one of its
+    :data:`VTAB_ALIASES`, forgiving case, dashes and spaces: the one resolver of the data readers and of the
+    evaluation's aggregates, so a name that reads a task also scores under it."""
+    key = str(task).strip().lower().replace("-", "_").replace(" ", "_")
     name = VTAB_ALIASES.get(key, key)
     if name not in VTAB_TASKS:
-        raise ImageDataError(f"unknown VTAB-1k task {task!r}; expected one of {', '.join(VTAB_TASKS)}")
+        raise ImageDataError(
+            f"unknown VTAB-1k task {task!r}; expected one of {', '.join(VTAB_TASKS)} "
+            f"(other accepted spellings: {', '.join(VTAB_ALIASES)})"
+        )
     return name
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.fid import prepare_images
 from hf_tuning.io import atomic_output, atomic_write_json, read_json
 
 __all__ = [
@@ -57,21 +58,10 @@ def prepare_digits(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """The classifier's input: one grey channel in [0, 1] (intensity / 16) at ``image_size`` square.
 
     Integer tensors are read as 0..255, RGB(A) is averaged to grey, and other sizes are resized bilinearly
-    (antialiased when shrinking, so a 4x nearest-upscaled PNG looks like the 8x8 original).
+    (antialiased when shrinking, so a 4x nearest-upscaled PNG looks like the 8x8 original): the FID
+    extractors' convention (:func:`eval.fid.prepare_images`), so both read an image file the same way.
     """
-    if images.ndim != 4:
-        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
-    x = images.float() / 255.0 if not images.is_floating_point() else images.float()
-    if x.shape[1] == 4:
-        x = x[:, :3]
-    if x.shape[1] == 3:
-        x = x.mean(dim=1, keepdim=True)
-    elif x.shape[1] != 1:
-        raise ValueError(f"expected 1, 3 or 4 channels, got shape {tuple(images.shape)}")
-    if tuple(x.shape[-2:]) != (image_size, image_size):
-        shrink = min(x.shape[-2:]) > image_size
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrink)
-    return x
+    return prepare_images(images, 1, image_size, name="digits classifier")
 
 
 class DigitsClassifier(nn.Module):
@@ -119,13 +109,13 @@ def digits_split(
     """
     from sklearn.datasets import load_digits
 
-    from datasets_builders.digits import _split_indices
+    from datasets_builders.digits import split_indices, to_png_array
 
     bunch = load_digits()
     labels = np.asarray(bunch.target)
-    # Same rounding as the PNG export (0..16 -> 0..255), so training sees exactly the pixels FID will read.
-    images = np.clip(np.rint(np.asarray(bunch.images, dtype=np.float64) * 255.0 / 16.0), 0, 255) / 255.0
-    splits = _split_indices(labels, np.arange(len(labels)), test_fraction, val_fraction, seed)
+    # The PNG export's own rounding (0..16 -> 0..255), so training sees exactly the pixels FID will read.
+    images = to_png_array(np.asarray(bunch.images), scale=1) / 255.0
+    splits = split_indices(labels, np.arange(len(labels)), test_fraction, val_fraction, seed)
     return images.astype(np.float32), labels, splits
 
 

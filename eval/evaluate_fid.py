@@ -5,77 +5,115 @@
 
 ``--feature_extractor`` is anything ``eval.fid.load_feature_extractor`` accepts: a digits classifier folder,
 a torchvision Inception-v3 state dict, or a TorchScript file (``--kind`` overrides the detected kind).
-Images (png/jpg, recursively) are read in batches, so large folders stay out of memory. The result is
-printed as JSON and, with ``--output``, written atomically.
+Images (every extension of ``hf_tuning.io.IMAGE_EXTENSIONS``, recursively) are read in batches, so large
+folders stay out of memory. The result is printed as JSON and, with ``--output``, written atomically.
+
+The CLI is a thin wrapper: :class:`FidEvalSettings` holds its options, :func:`evaluate_fid` takes them and
+returns the result, and :func:`score_folders` scores two folders with an extractor already loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from eval.fid import KINDS, compute_fid, iter_image_folder, load_feature_extractor
+from eval.common import parse_settings, pick_device
+from eval.fid import KINDS, FeatureExtractor, compute_fid, iter_image_folder, load_feature_extractor
 from hf_tuning.io import atomic_write_json
 
-__all__ = ["evaluate_fid", "main", "parse_args"]
+__all__ = ["FidEvalSettings", "evaluate_fid", "main", "parse_args", "score_folders"]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--feature_extractor", required=True, help="extractor folder or file (see eval/fid.py)")
-    parser.add_argument("--kind", choices=KINDS, default=None, help="extractor kind; default: detected from the path")
-    parser.add_argument("--real", required=True, help="folder of reference images (searched recursively)")
-    parser.add_argument("--fake", required=True, help="folder of generated images (searched recursively)")
-    parser.add_argument("--precision_recall", action="store_true", help="also report k-NN precision and recall")
-    parser.add_argument("--k", type=int, default=3, help="neighbourhood size for precision/recall")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    parser.add_argument("--output", default=None, help="JSON file to write the result to")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
-    if args.k < 1:
-        parser.error("--k must be at least 1")
-    return args
+@dataclass
+class FidEvalSettings:
+    """Which extractor scores which two folders, and how."""
+
+    feature_extractor: str = field(metadata={"help": "extractor folder or file (see eval/fid.py)"})
+    real: str = field(metadata={"help": "folder of reference images (searched recursively)"})
+    fake: str = field(metadata={"help": "folder of generated images (searched recursively)"})
+    kind: str | None = field(
+        default=None, metadata={"help": "extractor kind; default: detected from the path", "choices": KINDS}
+    )
+    precision_recall: bool = field(default=False, metadata={"help": "also report k-NN precision and recall"})
+    k: int = field(default=3, metadata={"help": "neighbourhood size for precision/recall"})
+    batch_size: int = field(default=256, metadata={"help": "images per feature-extraction batch"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, ..."})
+    output: str | None = field(default=None, metadata={"help": "JSON file to write the result to"})
+
+    def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in KINDS:
+            raise ValueError(f"--kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.batch_size < 1:
+            raise ValueError("--batch_size must be at least 1")
+        if self.k < 1:
+            raise ValueError("--k must be at least 1")
 
 
-def evaluate_fid(args: argparse.Namespace) -> dict[str, Any]:
+def parse_args(argv: Sequence[str] | None = None) -> FidEvalSettings:
+    """The command line as :class:`FidEvalSettings`; a bad value exits with a usage error."""
+    (settings,) = parse_settings(FidEvalSettings, argv, description=__doc__.split("\n\n")[0])
+    return settings
+
+
+def score_folders(
+    extractor: FeatureExtractor,
+    real: str | os.PathLike,
+    fake: str | os.PathLike,
+    *,
+    batch_size: int = 256,
+    with_precision_recall: bool = False,
+    k: int = 3,
+) -> dict[str, Any]:
+    """FID (and precision/recall) of two image folders streamed through ``extractor`` in batches.
+
+    Both folders are listed before any feature is computed, so a missing or empty one fails at once.
+    """
+    real_batches = iter_image_folder(real, extractor.channels, batch_size)
+    fake_batches = iter_image_folder(fake, extractor.channels, batch_size)
+    return compute_fid(
+        extractor, real_batches, fake_batches, batch_size=batch_size, with_precision_recall=with_precision_recall, k=k
+    )
+
+
+def evaluate_fid(settings: FidEvalSettings) -> dict[str, Any]:
     """Load the extractor, stream both folders through it and return the result with its inputs recorded."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = pick_device(settings.device)
     start = time.perf_counter()
-    extractor = load_feature_extractor(args.feature_extractor, device=device, kind=args.kind)
-    real = iter_image_folder(args.real, extractor.channels, args.batch_size)
-    fake = iter_image_folder(args.fake, extractor.channels, args.batch_size)
-    result = compute_fid(
-        extractor, real, fake, batch_size=args.batch_size, with_precision_recall=args.precision_recall, k=args.k
+    extractor = load_feature_extractor(settings.feature_extractor, device=device, kind=settings.kind)
+    result = score_folders(
+        extractor,
+        settings.real,
+        settings.fake,
+        batch_size=settings.batch_size,
+        with_precision_recall=settings.precision_recall,
+        k=settings.k,
     )
     return {
         **result,
-        "real": str(args.real),
-        "fake": str(args.fake),
-        "feature_extractor": str(args.feature_extractor),
+        "real": str(settings.real),
+        "fake": str(settings.fake),
+        "feature_extractor": str(settings.feature_extractor),
         "device": str(device),
         "seconds": round(time.perf_counter() - start, 3),
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    settings = parse_args(argv)
     try:
-        result = evaluate_fid(args)
+        result = evaluate_fid(settings)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
-    if args.output is not None:
-        atomic_write_json(args.output, result)
-        print(f"wrote {args.output}", file=sys.stderr)
+    if settings.output is not None:
+        atomic_write_json(settings.output, result)
+        print(f"wrote {settings.output}", file=sys.stderr)
     return 0
 
 

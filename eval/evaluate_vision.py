@@ -10,23 +10,29 @@ and ``confusion_matrix.png`` to ``--output_dir`` (default: the model folder).
 
 The second form reads one JSON per task (each with ``task`` and ``top1``, which ``eval_vision.json``
 has for VTAB tasks) and writes ``eval_vtab.json`` and ``eval_vtab.md`` with the group means and both
-VTAB averages. ``evaluate_classifier`` takes a model and a DataLoader, so it works without the CLI.
+VTAB averages.
+
+The CLI is a thin wrapper: :class:`VisionEvalSettings` holds its options and the functions take values.
+``evaluate_classifier`` scores a model on a DataLoader, ``evaluate_run`` a trained run's folder on the
+settings' split (read by ``datasets_builders.image_classification.read_split``, as the recipe reads it).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from datasets_builders.image_classification import DATA_FORMATS, DEFAULT_SPLITS, read_split
+from datasets_builders.vision import ImageClassificationDataset, build_image_transform, resolve_vtab_task
+from eval.common import parse_settings, pick_device
 from eval.vision_metrics import (
-    canonical_vtab_task,
     classification_metrics,
     format_vision_report,
     plot_confusion_matrix,
@@ -34,10 +40,15 @@ from eval.vision_metrics import (
     vtab_group_of,
 )
 from hf_tuning.io import atomic_write_json, atomic_write_text, read_json
+from hf_tuning.vision.backbones import logits_of
 
 __all__ = [
+    "VisionEvalSettings",
     "collect_logits",
     "evaluate_classifier",
+    "evaluate_run",
+    "evaluate_runs",
+    "load_split",
     "load_vtab_results",
     "main",
     "parse_args",
@@ -50,23 +61,9 @@ REPORT_MD = "eval_vision.md"
 CONFUSION_PNG = "confusion_matrix.png"
 VTAB_JSON = "eval_vtab.json"
 VTAB_MD = "eval_vtab.md"
-DATA_FORMATS = ("imagefolder", "vtab", "fgvc", "fewshot")
-DEFAULT_SPLITS = {"imagefolder": "val", "vtab": "test", "fgvc": "test", "fewshot": "test"}
 
 
 # --------------------------------------------------------------------------- evaluation
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a forward pass: timm returns a tensor, transformers an output object with ``.logits``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise TypeError(f"the model returned {type(output).__name__}; expected a logits tensor or an object with .logits")
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +85,8 @@ def collect_logits(
     """All logits (float32, on the CPU) and labels of a loader, in its order, under inference mode.
 
     The model is put in eval mode for the pass (dropout and batch-norm statistics frozen) and its
-    previous mode restored afterwards; it is expected to be on ``device`` already.
+    previous mode restored afterwards; it is expected to be on ``device`` already. The logits are read from the
+    output as the trainer reads them (``hf_tuning.vision.logits_of``: a tensor, ``.logits``, a mapping, a tuple).
     """
     device = torch.device(device)
     dtype = input_dtype(model)
@@ -165,7 +163,7 @@ def load_vtab_results(paths: Sequence[str | Path]) -> dict[str, float]:
         task = data.get("task") or (data.get("config") or {}).get("task")
         if not task or "top1" not in data:
             raise ValueError(f"{path}: a VTAB result file needs 'task' and 'top1' entries")
-        canonical = canonical_vtab_task(str(task))  # raises on an unknown name, listing the known ones
+        canonical = resolve_vtab_task(str(task))  # raises on an unknown name, listing the known ones
         if canonical in sources:
             raise ValueError(f"VTAB task {canonical!r} appears in both {sources[canonical]} and {path}")
         sources[canonical] = path
@@ -184,72 +182,97 @@ def write_vtab_reports(paths: Sequence[str | Path], output_dir: str | Path) -> t
     return results, json_path, md_path
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- settings
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_dir", nargs="+", action="extend", default=None, help="recipe output folder(s)")
-    parser.add_argument("--data_format", choices=DATA_FORMATS, default="imagefolder")
-    parser.add_argument("--data_dir", default=None, help="root of the image data")
-    parser.add_argument("--task", default=None, help="VTAB task, FGVC dataset or few-shot dataset name")
-    parser.add_argument("--split", default=None, help="default: test (vtab, fgvc, fewshot) or val (imagefolder)")
-    parser.add_argument("--shots", type=int, default=None, help="few-shot only: shots per class of the split")
-    parser.add_argument("--seed", type=int, default=None, help="few-shot only: the seed of the split")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--output_dir", default=None, help="default: each model folder")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    parser.add_argument(
-        "--vtab_results", nargs="+", default=None, help="aggregate these per-task JSON files instead of evaluating"
-    )
-    args = parser.parse_args(argv)
-    if args.vtab_results:
-        if args.model_dir:
-            parser.error("--vtab_results aggregates existing results; it cannot be combined with --model_dir")
-        if args.output_dir is None:
-            parser.error("--output_dir is required with --vtab_results")
-        return args
-    if not args.model_dir:
-        parser.error("--model_dir is required (or --vtab_results to aggregate VTAB results)")
-    if args.data_dir is None:
-        parser.error("--data_dir is required")
-    if args.data_format == "imagefolder" and args.task is not None:
-        parser.error("--task is for vtab, fgvc and fewshot data; an image folder has no tasks")
-    if args.data_format != "imagefolder" and args.task is None:
-        parser.error(f"--task is required with --data_format {args.data_format}")
-    if args.data_format != "fewshot" and (args.shots is not None or args.seed is not None):
-        parser.error("--shots and --seed are for --data_format fewshot")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
-    args.split = args.split or DEFAULT_SPLITS[args.data_format]
-    names = [Path(m).resolve().name for m in args.model_dir]
-    if args.output_dir is not None and len(names) > 1 and len(set(names)) < len(names):
-        parser.error("several --model_dir share a folder name, so their reports would overwrite each other")
-    return args
+@dataclass
+class VisionEvalSettings:
+    """Which trained classifiers to score on which split, or which VTAB task results to aggregate.
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_split(args: argparse.Namespace, model_classes: Sequence[str]) -> Any:
-    """The ``ImageSplit`` the arguments name, through ``datasets_builders.vision``.
-
-    An image folder is read with the model's class list, so its labels are the model's indices even when
-    a class has no folder in this split (otherwise every later label would shift by one).
+    ``model_dir`` is what :func:`evaluate_runs` (and the CLI) evaluate; :func:`evaluate_run` takes its folder
+    as an argument and reads only the split and run settings from here.
     """
-    from datasets_builders.vision import few_shot_split, fgvc_split, image_folder_split, vtab_split
 
-    if args.data_format == "imagefolder":
-        return image_folder_split(args.data_dir, args.split, classes=list(model_classes))
-    if args.data_format == "vtab":
-        return vtab_split(args.data_dir, args.task, args.split)
-    if args.data_format == "fgvc":
-        return fgvc_split(args.data_dir, args.task, args.split)
-    return few_shot_split(args.data_dir, args.task, args.split, shots=args.shots, seed=args.seed)
+    model_dir: list[str] | None = field(default=None, metadata={"help": "recipe output folder(s)", "action": "extend"})
+    data_format: str = field(
+        default="imagefolder",
+        metadata={"help": "layout of the image data", "choices": list(DATA_FORMATS)},
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "root of the image data"})
+    task: str | None = field(default=None, metadata={"help": "VTAB task, FGVC dataset or few-shot dataset name"})
+    split: str | None = field(
+        default=None, metadata={"help": "default: test (vtab, fgvc, fewshot) or val (imagefolder)"}
+    )
+    shots: int | None = field(default=None, metadata={"help": "few-shot only: shots per class of the split"})
+    seed: int | None = field(default=None, metadata={"help": "few-shot only: the seed of the split"})
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    output_dir: str | None = field(default=None, metadata={"help": "default: each model folder"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, ..."})
+    vtab_results: list[str] | None = field(
+        default=None, metadata={"help": "aggregate these per-task JSON files instead of evaluating"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"--data_format {self.data_format!r} is not one of {', '.join(DATA_FORMATS)}")
+        if self.vtab_results:
+            if self.model_dir:
+                raise ValueError("--vtab_results aggregates existing results; it cannot be combined with --model_dir")
+            if self.output_dir is None:
+                raise ValueError("--output_dir is required with --vtab_results")
+            return
+        if not self.model_dir:
+            raise ValueError("--model_dir is required (or --vtab_results to aggregate VTAB results)")
+        if self.data_dir is None:
+            raise ValueError("--data_dir is required")
+        if self.data_format == "imagefolder" and self.task is not None:
+            raise ValueError("--task is for vtab, fgvc and fewshot data; an image folder has no tasks")
+        if self.data_format != "imagefolder" and self.task is None:
+            raise ValueError(f"--task is required with --data_format {self.data_format}")
+        if self.data_format != "fewshot" and (self.shots is not None or self.seed is not None):
+            raise ValueError("--shots and --seed are for --data_format fewshot")
+        if self.batch_size < 1:
+            raise ValueError("--batch_size must be at least 1")
+        if self.num_workers < 0:
+            raise ValueError("--num_workers must be at least 0")
+        self.split = self.split or DEFAULT_SPLITS[self.data_format][1]
+        names = [Path(m).resolve().name for m in self.model_dir]
+        if self.output_dir is not None and len(names) > 1 and len(set(names)) < len(names):
+            raise ValueError("several --model_dir share a folder name, so their reports would overwrite each other")
+
+    def report_dir(self, model_dir: str | Path) -> Path:
+        """Where ``model_dir``'s reports go: the model folder, ``--output_dir``, or a subfolder of it per model."""
+        if self.output_dir is None:
+            return Path(model_dir)
+        several = len(self.model_dir or []) > 1
+        return Path(self.output_dir) / Path(model_dir).resolve().name if several else Path(self.output_dir)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> VisionEvalSettings:
+    """The command line as :class:`VisionEvalSettings`; a bad combination exits with a usage error."""
+    (settings,) = parse_settings(VisionEvalSettings, argv, description=__doc__.split("\n\n")[0])
+    return settings
+
+
+# --------------------------------------------------------------------------- trained runs
+
+
+def load_split(settings: VisionEvalSettings, model_classes: Sequence[str]) -> Any:
+    """The ``ImageSplit`` the settings name, read as the recipe reads its evaluation split.
+
+    The model's class list fixes the labels: an image folder's labels are the model's indices even when a
+    class has no folder in this split (otherwise every later label would shift by one).
+    """
+    return read_split(
+        settings.data_format,
+        settings.data_dir,
+        settings.task,
+        settings.split,
+        classes=list(model_classes),
+        shots=settings.shots,
+        seed=settings.seed,
+    )
 
 
 def match_classes(model_classes: Sequence[str], split_classes: Sequence[str]) -> list[int] | None:
@@ -275,50 +298,50 @@ def match_classes(model_classes: Sequence[str], split_classes: Sequence[str]) ->
     return None
 
 
-def evaluate_run(model_dir: Path, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
-    """Load one trained classifier, score it on the split and write its three reports."""
+def evaluate_run(
+    model_dir: str | Path, settings: VisionEvalSettings, output_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Load one trained classifier, score it on the settings' split and write its three reports to
+    ``output_dir`` (default: the model folder); returns the results as written to ``eval_vision.json``."""
     from torch.utils.data import DataLoader
 
-    from datasets_builders.vision import ImageClassificationDataset, build_image_transform
     from hf_tuning.vision import load_trained_classifier
 
-    device = pick_device(args.device)
+    model_dir = Path(model_dir)
+    output_dir = model_dir if output_dir is None else Path(output_dir)
+    device = pick_device(settings.device)
     classifier = load_trained_classifier(model_dir)
     model = classifier.model.to(device)
     class_names = [str(name) for name in classifier.class_names]
-    split = load_split(args, class_names)
+    split = load_split(settings, class_names)
     label_map = match_classes(class_names, split.classes)
     dataset = ImageClassificationDataset(split, build_image_transform(classifier.data_config, train=False))
     loader = DataLoader(
         dataset,
-        batch_size=args.batch_size,
+        batch_size=settings.batch_size,
         shuffle=False,
-        num_workers=args.num_workers,
+        num_workers=settings.num_workers,
         pin_memory=device.type == "cuda",
     )
     results = evaluate_classifier(model, loader, len(class_names), class_names, device, label_map=label_map)
     config = {
         "model_dir": str(model_dir),
-        "data_format": args.data_format,
-        "data_dir": str(args.data_dir),
-        "task": args.task,
-        "split": args.split,
-        "shots": args.shots,
-        "seed": args.seed,
+        "data_format": settings.data_format,
+        "data_dir": str(settings.data_dir),
+        "task": settings.task,
+        "split": settings.split,
+        "shots": settings.shots,
+        "seed": settings.seed,
         "source": str(getattr(split, "source", "")) or None,
-        "batch_size": args.batch_size,
+        "batch_size": settings.batch_size,
         "device": str(device),
         "labels_reordered": label_map is not None,
     }
     header: dict[str, Any] = {"config": config}
-    if args.data_format == "vtab":  # top-level "task" and "top1": the file feeds --vtab_results directly
-        try:
-            group = vtab_group_of(args.task)
-        except ValueError:  # a task the data builder knows but the VTAB table does not: still report it
-            group = None
-        header.update({"task": args.task, "vtab_group": group})
+    if settings.data_format == "vtab":  # top-level "task" and "top1": the file feeds --vtab_results directly
+        header.update({"task": settings.task, "vtab_group": vtab_group_of(settings.task)})
     results = {**header, **results}
-    title = f"{model_dir.name}: {args.task or Path(args.data_dir).name} ({args.split})"
+    title = f"{model_dir.name}: {settings.task or Path(settings.data_dir).name} ({settings.split})"
     paths = write_reports(results, output_dir, title=title)
     print(
         f"{model_dir}: top-1 {results['top1']:.2f}%, top-{results['top5_k']} {results['top5']:.2f}%, "
@@ -328,10 +351,15 @@ def evaluate_run(model_dir: Path, args: argparse.Namespace, output_dir: Path) ->
     return results
 
 
+def evaluate_runs(settings: VisionEvalSettings) -> list[dict[str, Any]]:
+    """Every ``model_dir`` of the settings, each with its reports in :meth:`VisionEvalSettings.report_dir`."""
+    return [evaluate_run(m, settings, settings.report_dir(m)) for m in settings.model_dir or []]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.vtab_results:
-        results, json_path, md_path = write_vtab_reports(args.vtab_results, args.output_dir)
+    settings = parse_args(argv)
+    if settings.vtab_results:
+        results, json_path, md_path = write_vtab_reports(settings.vtab_results, settings.output_dir)
         aggregate = results["vtab"]
         state = "complete" if aggregate["complete"] else f"partial, missing {', '.join(aggregate['missing'])}"
         print(
@@ -340,13 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"wrote {json_path}\nwrote {md_path}")
         return 0
-    several = len(args.model_dir) > 1
-    for model_dir in map(Path, args.model_dir):
-        if args.output_dir is None:
-            output_dir = model_dir
-        else:
-            output_dir = Path(args.output_dir) / model_dir.resolve().name if several else Path(args.output_dir)
-        evaluate_run(model_dir, args, output_dir)
+    evaluate_runs(settings)
     return 0
 
 

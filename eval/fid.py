@@ -31,9 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hf_tuning.io import IMAGE_EXTENSIONS, read_image
+from hf_tuning.io import list_image_files as _image_files_below
+
 __all__ = [
     "ACCEPTED_KINDS",
-    "IMAGE_SUFFIXES",
+    "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "KINDS",
@@ -48,6 +51,7 @@ __all__ = [
     "load_feature_extractor",
     "load_image_folder",
     "precision_recall",
+    "prepare_images",
 ]
 
 KINDS = ("digits_cnn", "inception_v3", "inception_torchscript", "torchscript")
@@ -58,7 +62,6 @@ ACCEPTED_KINDS = (
 )
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SIDECAR_KEYS = ("name", "input_size", "input_range", "channels", "mean", "std", "feature_dim")
 DIGITS_CONFIG = "feature_extractor.json"
 DIGITS_WEIGHTS = "model.safetensors"
@@ -176,6 +179,30 @@ def precision_recall(
 # --------------------------------------------------------------------------- feature extractors
 
 
+def prepare_images(images: torch.Tensor, channels: int, size: int | None, *, name: str = "images") -> torch.Tensor:
+    """Float images in [0, 1] with ``channels`` (1 or 3) channels at ``size`` x ``size`` (None: their own size).
+
+    Integer tensors are read as 0..255, RGBA loses its alpha (no content for these networks), grey is repeated
+    to RGB and RGB averaged to grey, and other sizes are resized bilinearly, antialiased when shrinking (so a
+    nearest-upscaled export looks like its original): the one input convention of the feature networks here,
+    the digits classifier's included. ``name`` prefixes the errors.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+        raise ValueError(f"{name}: expected images of shape (N, C, H, W), got {shape}")
+    x = images.float() / 255.0 if not images.is_floating_point() else images.float()
+    if x.shape[1] == 4:
+        x = x[:, :3]
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"{name}: images must have 1, 3 or 4 channels, got shape {tuple(images.shape)}")
+    if x.shape[1] != channels:
+        x = x.expand(-1, 3, -1, -1) if channels == 3 else x.mean(dim=1, keepdim=True)
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        shrink = min(x.shape[-2:]) > size
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    return x
+
+
 class FeatureExtractor:
     """A feature network plus the preprocessing it was trained with, so callers only pass [0, 1] images.
 
@@ -238,21 +265,7 @@ class FeatureExtractor:
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """The network's input for [0, 1] images: channels, size, range and normalisation as documented."""
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
-            raise ValueError(f"{self.name}: expected images of shape (N, C, H, W), got {shape}")
-        x = images.float() / 255.0 if not images.is_floating_point() else images.float()
-        if x.shape[1] == 4:  # RGBA: the alpha channel carries no content for these networks
-            x = x[:, :3]
-        if x.shape[1] not in (1, 3):
-            raise ValueError(f"{self.name}: images must have 1, 3 or 4 channels, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.channels:
-            x = x.expand(-1, 3, -1, -1) if self.channels == 3 else x.mean(dim=1, keepdim=True)
-        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            shrink = min(x.shape[-2:]) > self.input_size
-            x = F.interpolate(
-                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=shrink
-            )
+        x = prepare_images(images, self.channels, self.input_size, name=self.name)
         x = x * self.input_range
         if self._mean is not None and self._std is not None:
             x = (x - self._mean.to(x.device)) / self._std.to(x.device)
@@ -449,26 +462,26 @@ def load_feature_extractor(
 
 
 def list_image_files(path: str | os.PathLike) -> list[Path]:
-    """Every png/jpg/jpeg under ``path`` (recursively, case-insensitive suffix), in sorted order."""
+    """Every image under ``path`` (recursively; the extensions of ``hf_tuning.io.IMAGE_EXTENSIONS``, any case,
+    hidden files and folders skipped), in a stable sorted order: the files the data readers would find.
+
+    A missing folder raises ``FileNotFoundError`` and one without images ``ValueError``, both naming it, since an
+    empty folder would otherwise surface as an unhelpful statistics error.
+    """
     root = Path(os.fspath(path))
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [Path(file) for file in _image_files_below(root)]
     if not files:
-        raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files recursively)")
+        raise ValueError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files recursively)")
     return files
 
 
 def _read_image(path: Path, channels: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
+    """(H, W, C) uint8 pixels; an unreadable file raises ``hf_tuning.io.ImageDataError`` (a ValueError) naming it."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read the image: {exc}") from None
+    array = np.asarray(read_image(path, "L" if channels == 1 else "RGB"), dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
 

@@ -1,7 +1,7 @@
 """Image-classification metrics, the confusion-matrix plot, VTAB-1k aggregates and the markdown report.
 
 Pure functions over logits, labels and numbers: nothing here loads a model or a dataset, so every
-number in a report can be checked by hand (see ``tests/test_eval_vision.py``).
+number in a report can be checked by hand (see ``tests/vision/test_evaluate_vision.py``).
 
 Two different "VTAB averages" are quoted in papers and they are not interchangeable: the mean over
 the 19 tasks and the mean of the three group means (natural / specialized / structured). SNELL, for
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datasets_builders.vision import VTAB_ALIASES, VTAB_GROUPS
+from datasets_builders.vision import VTAB_ALIASES, VTAB_GROUPS, resolve_vtab_task
 from hf_tuning.io import atomic_output
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "VTAB_ALIASES",
     "VTAB_GROUPS",
     "VTAB_TASKS",
-    "canonical_vtab_task",
     "classification_metrics",
     "format_vision_report",
     "most_confused",
@@ -38,7 +37,8 @@ __all__ = [
     "vtab_group_of",
 ]
 
-# The VTAB-1k task table and the other spellings of task names live with the data builders.
+# The VTAB-1k task table, the other spellings of task names and their resolver (resolve_vtab_task) live with
+# the data builders, so a name that reads a task's data also aggregates under that task.
 VTAB_TASKS: tuple[str, ...] = tuple(task for tasks in VTAB_GROUPS.values() for task in tasks)
 AGGREGATE_LABELS: dict[str, str] = {
     "mean_of_19_tasks": "mean over the 19 tasks (e.g. SNELL's 74.6)",
@@ -259,21 +259,9 @@ def plot_confusion_matrix(
 # --------------------------------------------------------------------------- VTAB-1k
 
 
-def canonical_vtab_task(name: str) -> str:
-    """The VTAB_GROUPS spelling of a task name (case, dashes, spaces and the known aliases are forgiven)."""
-    key = name.strip().lower().replace("-", "_").replace(" ", "_")
-    key = VTAB_ALIASES.get(key, key)
-    if key not in VTAB_TASKS:
-        raise ValueError(
-            f"unknown VTAB task {name!r}; known tasks: {', '.join(VTAB_TASKS)} "
-            f"(other accepted spellings: {', '.join(VTAB_ALIASES)})"
-        )
-    return key
-
-
 def vtab_group_of(task: str) -> str:
-    """natural, specialized or structured."""
-    task = canonical_vtab_task(task)
+    """natural, specialized or structured, for a task name or any alias :func:`resolve_vtab_task` accepts."""
+    task = resolve_vtab_task(task)
     return next(group for group, tasks in VTAB_GROUPS.items() if task in tasks)
 
 
@@ -293,7 +281,7 @@ def vtab_aggregate(task_top1: Mapping[str, float]) -> dict[str, Any]:
         raise ValueError(f"no VTAB task results given; known tasks: {', '.join(VTAB_TASKS)}")
     scores: dict[str, float] = {}
     for name, value in task_top1.items():
-        task = canonical_vtab_task(name)
+        task = resolve_vtab_task(name)
         if task in scores:
             raise ValueError(f"VTAB task {task!r} given twice (as {name!r} and under another spelling)")
         value = float(value)

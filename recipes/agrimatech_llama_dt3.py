@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         attn_implementation=model_args.attn_implementation,
     )
     model.config._name_or_path = model.name_or_path = base_model_id  # what adapter_config.json records
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer, template, generation_config=model.generation_config)
+    model.generation_config.eos_token_id = stop_token_ids(
+        tokenizer, template, generation_config=model.generation_config
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     # The recipe pushes the finished output folder once, never the per-stage checkpoints.

@@ -127,15 +127,28 @@ def write_model_card(output_dir: str | os.PathLike, **kwargs: Any) -> Path:
 def update_eval_results(
     card_path: str | os.PathLike, results: Mapping[str, float], dataset_name: str = "held-out data"
 ) -> Path:
-    """Merge ``results`` into an existing card's ``model-index`` and results section."""
+    """Merge ``results`` into an existing card's ``model-index`` and results section.
+
+    Works on any card, not only ours (PEFT writes its own ``README.md`` next to an adapter): a card without
+    a model name gets its folder's name (the Hub's model-index needs one to be read back), and a card without
+    our results section gets one appended.
+    """
     path = Path(card_path)
     card = ModelCard.load(path)
     current = {r.metric_name: r.metric_value for r in (card.data.eval_results or [])}
     by_label = {label: key for key, (_, label) in _METRIC_NAMES.items()}
     merged = {by_label.get(name, name): value for name, value in current.items()}
     merged.update(results)
+    if not card.data.model_name:
+        card.data.model_name = path.resolve().parent.name
     card.data.eval_results = _eval_results(merged, dataset_name)
-    text = _RESULTS.sub(lambda _: _results_section(merged, dataset_name), str(card))
+    section = _results_section(merged, dataset_name)
+    text = str(card)
+    text = (
+        _RESULTS.sub(lambda _: section, text)
+        if _RESULTS.search(text)
+        else f"{text.rstrip()}\n\n## Results\n\n{section}\n"
+    )
     yaml.safe_load(text.split("---")[1])  # the header must stay valid YAML
     atomic_write_text(path, text)
     return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "load_state_dict_file",
     "vision_data_config",
     "classifier_head",
+    "logits_of",
     "model_library",
     "read_class_map",
 ]
@@ -359,3 +361,18 @@ def vision_data_config(model: nn.Module, args: VisionModelArguments | None = Non
     config["mean"] = tuple(float(x) for x in config["mean"])
     config["std"] = tuple(float(x) for x in config["std"])
     return config
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits of a forward pass: timm returns a tensor, transformers an output object (or mapping) with
+    ``logits``, some models a tuple whose first element they are."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, tuple) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise TypeError(f"the model returned {type(outputs).__name__}; expected a logits tensor or an object with .logits")

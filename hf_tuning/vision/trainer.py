@@ -8,7 +8,7 @@ evaluation by using ``eval_data_collator`` for every non-training dataloader.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,23 +17,9 @@ import torch.nn.functional as F
 from transformers import EvalPrediction
 
 from hf_tuning.trainer import StagedTrainer
+from hf_tuning.vision.backbones import logits_of
 
-__all__ = ["StagedImageClassificationTrainer", "accuracy_metrics", "logits_of"]
-
-
-def logits_of(outputs: Any) -> torch.Tensor:
-    """The logits of a forward pass: timm returns a tensor, transformers an output object (or mapping) with
-    ``logits``, some models a tuple whose first element they are."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    logits = getattr(outputs, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(outputs, tuple) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    raise TypeError(f"the model returned {type(outputs).__name__}; expected a logits tensor or an object with .logits")
+__all__ = ["StagedImageClassificationTrainer", "accuracy_metrics"]
 
 
 def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:

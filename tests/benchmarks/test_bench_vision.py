@@ -7,6 +7,7 @@ from itertools import product
 
 import pytest
 
+from benchmarks.harness import parse_settings
 from tests.helpers.scripts import load_benchmark as load_script
 
 ARCHS, MODES, VARIANTS = ("vit", "swin"), ("full", "lora"), ("ost", "dt1", "dt3")
@@ -53,3 +54,14 @@ def test_bench_vision_quick(tmp_path):
         assert f"## {arch} - {'LoRA' if mode == 'lora' else 'full fine-tuning'}" in markdown
         assert f"* **{arch} {mode}**: dt1 optimizer bytes / ost = " in markdown
     assert "## Expected vs measured" in markdown
+
+
+def test_bench_vision_settings():
+    bench = load_script("bench_vision")
+    s = parse_settings(bench.VisionBenchSettings, ["--quick", "--steps", "4", "--archs", "swin", "--wait-idle", "60"])
+    # --quick fills in what is not given: steps as given, warm-up and batch from the quick sizes
+    assert (s.steps, s.warmup_steps, s.batch_size, s.archs, s.wait_idle_s) == (4, 1, 8, ["swin"], 60.0)
+    s = parse_settings(bench.VisionBenchSettings, ["--variants", "ost", "dt3", "--modes", "lora"])
+    assert (s.steps, s.warmup_steps, s.batch_size, s.variants, s.modes) == (12, 2, 32, ["ost", "dt3"], ["lora"])
+    with pytest.raises(SystemExit):
+        parse_settings(bench.VisionBenchSettings, ["--variants", "dt1,dt3"])  # every ratio is taken against ost

@@ -30,10 +30,13 @@ from eval.fid import (
     feature_statistics,
     frechet_distance,
     iter_image_folder,
+    list_image_files,
     load_feature_extractor,
     load_image_folder,
     precision_recall,
 )
+from hf_tuning.io import IMAGE_EXTENSIONS, ImageDataError
+from hf_tuning.io import list_image_files as library_image_files
 from tests.helpers import REPO_ROOT
 
 
@@ -279,6 +282,43 @@ def test_load_image_folder_errors(tmp_path):
         load_image_folder(mixed, channels=1)
 
 
+def test_folder_listing_finds_every_image_format_the_data_readers_do(tmp_path):
+    """One notion of "an image file": fid lists what hf_tuning.io lists (webp, bmp, gif, tiff too, any case),
+    skipping hidden files and folders and non-images, and decodes every format losslessly written."""
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, size=(5, 4, 4), dtype=np.uint8)
+    names = ["a.png", "b.webp", "c/d.BMP", "c/e.tif", "f.gif"]
+    for name, image in zip(names, pixels):
+        path = tmp_path / "imgs" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path, **({"lossless": True} if name.endswith("webp") else {}))
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    (tmp_path / "imgs" / ".hidden.png").write_bytes(b"")
+    (tmp_path / "imgs" / ".cache").mkdir()
+    Image.fromarray(pixels[0]).save(tmp_path / "imgs" / ".cache" / "old.png")
+
+    files = list_image_files(tmp_path / "imgs")
+    assert [str(f) for f in files] == library_image_files(tmp_path / "imgs")
+    assert sorted(f.relative_to(tmp_path / "imgs").as_posix() for f in files) == sorted(names)
+    loaded = load_image_folder(tmp_path / "imgs", channels=1)
+    by_name = {f.relative_to(tmp_path / "imgs").as_posix(): i for i, f in enumerate(files)}
+    for name, image in zip(names, pixels):  # every format decodes to the pixels written
+        torch.testing.assert_close(loaded[by_name[name], 0], torch.from_numpy(image).float() / 255)
+
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"none: no images found \(looked for .*\.webp.*recursively\)"):
+        list_image_files(tmp_path / "none")
+    assert all(ext in str(IMAGE_EXTENSIONS) for ext in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+
+
+def test_unreadable_image_is_named_with_the_library_error(tmp_path):
+    folder = write_pngs(tmp_path / "imgs", np.zeros((1, 4, 4), dtype=np.uint8), nested=False)
+    (folder / "broken.webp").write_bytes(b"RIFF not really")
+    with pytest.raises(ImageDataError, match="broken.webp: cannot open image"):
+        load_image_folder(folder, channels=3)
+
+
 def test_extract_features_and_compute_fid_with_a_callable():
     extractor = FeatureExtractor(TinyFeatures(), name="tiny", dim=None, input_size=None, channels=1)
     assert extractor.dim == 2
@@ -334,6 +374,20 @@ def test_digits_classifier_input_conventions():
         assert model(grey).shape == (2, 10)
 
 
+def test_digits_classifier_and_extractors_prepare_images_alike():
+    """One input convention: the digits classifier reads an image exactly as a 1-channel extractor does."""
+    from eval.digits_classifier import prepare_digits
+    from eval.fid import prepare_images
+
+    rgba = torch.randint(0, 256, (2, 4, 32, 32), dtype=torch.uint8)  # integer, alpha, larger: every branch
+    extractor = FeatureExtractor(torch.nn.Flatten(), name="flat", dim=256, input_size=16, channels=1)
+    torch.testing.assert_close(prepare_digits(rgba, 16), extractor.preprocess(rgba), rtol=0, atol=0)
+    assert prepare_images(rgba, 3, None).shape == (2, 3, 32, 32)  # RGB kept, size kept
+    assert prepare_images(torch.rand(1, 1, 4, 4), 3, 8).shape == (1, 3, 8, 8)  # grey repeated, upscaled
+    with pytest.raises(ValueError, match="digits classifier: images must have 1, 3 or 4 channels"):
+        prepare_digits(torch.rand(1, 2, 8, 8), 16)
+
+
 def test_digits_classifier_cli(tmp_path, capsys):
     assert digits_classifier.main(["--output_dir", str(tmp_path / "cnn"), "--epochs", "1", "--seed", "3"]) == 0
     assert "held-out test accuracy" in capsys.readouterr().out
@@ -380,8 +434,41 @@ def test_evaluate_fid_cli(digits_extractor_dir, tmp_path, capsys):
     assert "none" in capsys.readouterr().err
 
 
+def test_evaluate_fid_with_values_matches_the_cli(tmp_path, capsys):
+    """The CLI is a thin wrapper: FidEvalSettings + evaluate_fid (or score_folders) give the CLI's numbers."""
+    extractor_path = save_script(TinyFeatures(), tmp_path / "tiny.pt")
+    rng = np.random.default_rng(8)
+    real = write_pngs(tmp_path / "real", rng.integers(0, 256, (12, 5, 5), dtype=np.uint8))
+    fake = write_pngs(tmp_path / "fake", rng.integers(0, 128, (9, 5, 5), dtype=np.uint8))
+    argv = ["--feature_extractor", str(extractor_path), "--real", str(real), "--fake", str(fake)]
+    argv += ["--precision_recall", "--k", "2", "--batch_size", "4", "--device", "cpu"]
+    assert evaluate_fid.main(argv) == 0
+    from_cli = json.loads(capsys.readouterr().out)
+
+    settings = evaluate_fid.FidEvalSettings(
+        feature_extractor=str(extractor_path),
+        real=str(real),
+        fake=str(fake),
+        precision_recall=True,
+        k=2,
+        batch_size=4,
+        device="cpu",
+    )
+    assert evaluate_fid.parse_args(argv) == settings
+    result = evaluate_fid.evaluate_fid(settings)
+    assert {k: v for k, v in result.items() if k != "seconds"} == {k: v for k, v in from_cli.items() if k != "seconds"}
+    assert result["num_real"] == 12 and result["num_fake"] == 9 and result["k"] == 2
+    scored = evaluate_fid.score_folders(
+        load_feature_extractor(extractor_path), real, fake, batch_size=5, with_precision_recall=True, k=2
+    )
+    assert scored["fid"] == pytest.approx(result["fid"]) and scored["precision"] == result["precision"]
+    for options, message in [({"k": 0}, "--k must be at least 1"), ({"kind": "vgg"}, "--kind 'vgg' is not one of")]:
+        with pytest.raises(ValueError, match=message):
+            evaluate_fid.FidEvalSettings(feature_extractor="x", real="r", fake="f", **options)
+
+
 def test_evaluate_fid_runs_as_a_script(tmp_path):
-    """Run by path, outside the repository: the script must put the repository on sys.path itself."""
+    """Run by path, outside the repository and without PYTHONPATH: the installed ``eval`` package is found."""
     path = save_script(TinyFeatures(), tmp_path / "tiny.pt")
     folder = write_pngs(tmp_path / "imgs", np.random.default_rng(6).integers(0, 256, (6, 5, 5), dtype=np.uint8))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}

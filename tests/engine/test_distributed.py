@@ -86,7 +86,12 @@ def test_deepspeed_config_contradicting_the_arguments_fails_before_training(tmp_
     env = script_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")
     script = REPO_ROOT / "tests" / "helpers" / "deepspeed_mismatch.py"
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     message = result.stdout

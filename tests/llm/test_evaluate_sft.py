@@ -255,3 +255,119 @@ def test_cli_argument_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         evaluate_sft.parse_args(["--base_model", "x", "--adapter", str(tmp_path / "missing")])
     assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- one rule with the library
+
+
+def chatml_tokenizer():
+    """The tiny vocabulary with ChatML's end-of-turn token in place of the last word (same size as the model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", "<|im_end|>", *WORDS[:-1]])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("template", [None, "chatml"])
+def test_generation_stops_on_the_library_stop_tokens(template, monkeypatch) -> None:
+    """generate_answers stops where the recipe's generation config does: hf_tuning's stop_token_ids."""
+    from hf_tuning.llm.chat_templates import stop_token_ids
+
+    model, tokenizer = tiny_llama(layers=2, seed=0), chatml_tokenizer()
+    model.generation_config.eos_token_id = [2, 7]  # a configured extra stop id is kept too
+    seen = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw["eos_token_id"]) or generate(**kw))
+    evaluate_sft.generate_answers(model, tokenizer, conversations(2), max_new_tokens=3, chat_template=template)
+    assert seen[0] == stop_token_ids(tokenizer, template or "", generation_config=model.generation_config)
+    assert seen[0] == ([2, 4, 7] if template == "chatml" else [2, 7])  # <|im_end|> is id 4
+
+
+@pytest.mark.parametrize(
+    "template",
+    [TEMPLATE, TEMPLATE.replace("{% generation %}", "{%- generation -%}"), NO_MARKERS, None],
+)
+def test_generation_marker_check_is_the_library_check(template) -> None:
+    """The held-out loss accepts exactly the templates the trainer's loss mask accepts."""
+    from hf_tuning.llm.chat_templates import has_generation_markers
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = template
+    if has_generation_markers(template):
+        evaluate_sft.require_generation_markers(tokenizer)
+    else:
+        with pytest.raises(ValueError, match="apply_training_chat_template"):
+            evaluate_sft.require_generation_markers(tokenizer)
+
+
+def test_evaluate_model_scores_answers_and_loss_on_separate_rows() -> None:
+    """What the experiments call: answers to some conversations, the loss over others, with timings."""
+    model, tokenizer, rows = tiny_llama(layers=2, seed=0), chat_tokenizer(), conversations(6)
+    metrics, answers = evaluate_sft.evaluate_model(
+        model, tokenizer, rows[:2], loss_conversations=rows, batch_size=3, max_new_tokens=4
+    )
+    assert metrics["loss"] == pytest.approx(evaluate_sft.heldout_loss(model, tokenizer, rows)["loss"])
+    assert answers == evaluate_sft.generate_answers(model, tokenizer, rows[:2], max_new_tokens=4)
+    references = [row[-1]["content"] for row in rows[:2]]
+    assert {k: metrics[k] for k in ("rougeL", "bleu")} == pytest.approx(
+        {k: v for k, v in evaluate_sft.score_answers(answers, references).items() if k in ("rougeL", "bleu")}
+    )
+    assert metrics["loss_seconds"] >= 0 and metrics["generation_seconds"] >= 0
+
+
+def test_evaluate_models_with_values_matches_the_cli(tmp_path: Path, monkeypatch) -> None:
+    """The CLI is a thin wrapper: the loaded model, the settings dataclass and evaluate_models give its numbers."""
+    model_dir = tmp_path / "model"
+    tiny_llama(layers=2, seed=0).save_pretrained(model_dir)
+    chat_tokenizer().save_pretrained(model_dir)
+    adapter = save_adapter(tmp_path / "adapter")
+    (adapter / "README.md").unlink()  # no model card to update: the CLI and run_evaluation below both run
+    rows = conversations(3)
+    monkeypatch.setattr(evaluate_sft, "load_conversations", lambda name, split, count: rows[:count])
+    argv = ["--base_model", str(model_dir), "--adapter", str(adapter), "--num_examples", "3", "--batch_size", "2"]
+    argv += ["--max_new_tokens", "4", "--dtype", "float32", "--device", "cpu", "--output_dir", str(tmp_path / "cli")]
+    assert evaluate_sft.main(argv) == 0
+    from_cli = json.loads((tmp_path / "cli" / "eval_results.json").read_text())
+
+    settings = evaluate_sft.parse_args(argv)
+    assert settings == evaluate_sft.SftEvalSettings(
+        base_model=str(model_dir),
+        adapter=str(adapter),
+        num_examples=3,
+        batch_size=2,
+        max_new_tokens=4,
+        dtype="float32",
+        device="cpu",
+        output_dir=str(tmp_path / "cli"),
+    )
+    model, tokenizer, template = evaluate_sft.load_model_and_tokenizer(str(model_dir), dtype="float32", device="cpu")
+    assert template == from_cli["config"]["chat_template"] == "tokenizer"
+    results = evaluate_sft.evaluate_models(
+        model, tokenizer, rows, adapter, batch_size=2, max_new_tokens=4, chat_template=template
+    )
+    timing = ("generation_seconds", "tokens_per_second", "loss_seconds")
+    for label in ("base", "tuned"):
+        assert {k: v for k, v in results[label].items() if k not in timing} == pytest.approx(
+            {k: v for k, v in from_cli[label].items() if k not in timing}
+        )
+    assert results["examples"] == from_cli["examples"]
+    run, _, _ = evaluate_sft.run_evaluation(settings)  # what main does, from the dataclass
+    assert run["examples"] == from_cli["examples"] and run["config"] == from_cli["config"]
+
+
+def test_settings_validate_in_code_too(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--output_dir is required"):
+        evaluate_sft.SftEvalSettings(base_model="x")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate_sft.SftEvalSettings(base_model="x", adapter=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--batch_size must be at least 1"):
+        evaluate_sft.SftEvalSettings(base_model="x", output_dir=str(tmp_path), batch_size=0)
+    settings = evaluate_sft.parse_args(["--base_model", "x", "--output_dir", str(tmp_path), "--trust_remote_code"])
+    assert settings.trust_remote_code is True and settings.split == "test" and settings.chat_template == "auto"

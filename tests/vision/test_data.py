@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from datasets_builders.digits import DigitsExportError, export_digits, main
+from datasets_builders.image_classification import DATA_FORMATS, DEFAULT_SPLITS, VisionDataArguments, read_split
 from datasets_builders.vision import (
+    VTAB_ALIASES,
     VTAB_GROUPS,
     VTAB_TASKS,
     AugmentationArguments,
@@ -96,6 +98,21 @@ def test_vtab_tables() -> None:
     assert resolve_vtab_task("CIFAR-100") == "cifar" and resolve_vtab_task("pets") == "oxford_iiit_pet"
 
 
+def test_one_vtab_resolver_accepts_every_alias_and_spelling() -> None:
+    """The data readers and the evaluation's aggregates share this resolver: every name either accepted is here."""
+    for task in VTAB_TASKS:
+        for spelling in (task, task.upper(), task.replace("_", "-"), task.replace("_", " ").title(), f"  {task} "):
+            assert resolve_vtab_task(spelling) == task
+    for alias, task in VTAB_ALIASES.items():
+        assert task in VTAB_TASKS
+        for spelling in (alias, alias.upper(), alias.replace("_", "-"), alias.replace("_", " ")):
+            assert resolve_vtab_task(spelling) == task
+    # the error names the tasks and the other accepted spellings; it is a ValueError for callers that expect one
+    with pytest.raises(ImageDataError, match=r"unknown VTAB-1k task 'imagenet'; expected one of cifar.*pcam") as info:
+        resolve_vtab_task("imagenet")
+    assert isinstance(info.value, ValueError)
+
+
 def test_vtab_parsing(tmp_path: Path) -> None:
     task_dir = make_vtab(tmp_path)
     split = vtab_split(tmp_path, "cifar100", "train800val200")
@@ -172,6 +189,36 @@ def test_few_shot_path_with_space(tmp_path: Path) -> None:
         few_shot_split(tmp_path, "oxford-pets", "train", shots=2, seed=0)
     with pytest.raises(ImageDataError, match="needs shots and seed"):
         few_shot_split(tmp_path, "oxford-pets", "train")
+
+
+def test_read_split_is_the_recipe_reader_for_every_format(tmp_path: Path) -> None:
+    """One reader for training and evaluation: DATA_FORMATS and their default splits live beside it."""
+    assert set(DEFAULT_SPLITS) == set(DATA_FORMATS)
+    assert {fmt: splits[1] for fmt, splits in DEFAULT_SPLITS.items()} == {
+        "imagefolder": "val",
+        "vtab": "test",
+        "fgvc": "test",
+        "fewshot": "test",
+    }
+    make_folder(tmp_path / "folder")
+    args = VisionDataArguments(data_dir=str(tmp_path / "folder"))
+    assert (args.train_split, args.eval_split) == DEFAULT_SPLITS["imagefolder"]
+    # the model's class list fixes the labels, as the recipe's training classes do
+    val = read_split("imagefolder", tmp_path / "folder", None, "val", classes=["b_cat", "a_dog"])
+    assert val.classes == ["b_cat", "a_dog"] and {label for _, label in val.samples} == {1}
+    make_vtab(tmp_path / "vtab")
+    assert read_split("vtab", tmp_path / "vtab", "CIFAR-100", "test").source == "vtab-1k cifar test.txt"
+    # few-shot: the given classes set the class count, so labels beyond them are caught while reading
+    annotations = tmp_path / "fs" / "few-shot_split" / "pets" / "annotations"
+    annotations.mkdir(parents=True)
+    write_image(tmp_path / "fs" / "pets" / "a.jpg")
+    (annotations / "test_meta.list").write_text("a.jpg 1\n")
+    assert read_split("fewshot", tmp_path / "fs", "pets", "test").num_classes == 2
+    assert read_split("fewshot", tmp_path / "fs", "pets", "test", classes=list("abcd")).num_classes == 4
+    with pytest.raises(ImageDataError, match="label 1 is out of range 0..0"):
+        read_split("fewshot", tmp_path / "fs", "pets", "test", classes=["a"])
+    with pytest.raises(ValueError, match="data_format='coco' is not one of imagefolder, vtab, fgvc, fewshot"):
+        read_split("coco", tmp_path, None, "test")
 
 
 # ---------------------------------------------------------------------------------------------------------------

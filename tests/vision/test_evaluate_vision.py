@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -158,7 +157,7 @@ def test_vtab_groups_table():
 
 
 def test_vtab_groups_match_the_data_builders():
-    """The metrics keep their own copy of the table; it must be the one the data code uses."""
+    """The metrics re-export the data code's table: one table, the same groups in the same order."""
     from datasets_builders.vision import VTAB_GROUPS
 
     assert list(VTAB_GROUPS) == list(vision_metrics.VTAB_GROUPS)
@@ -166,13 +165,33 @@ def test_vtab_groups_match_the_data_builders():
 
 
 def test_vtab_aliases_match_the_data_builders():
-    """A task name the data code reads must aggregate under the same task."""
+    """A task name the data code reads must aggregate under the same task: both use the one resolver."""
     from datasets_builders.vision import VTAB_ALIASES, resolve_vtab_task
 
+    assert vision_metrics.resolve_vtab_task is resolve_vtab_task
+    assert evaluate_vision.resolve_vtab_task is resolve_vtab_task
+    assert not hasattr(vision_metrics, "canonical_vtab_task")  # the second copy is gone
     for alias, task in VTAB_ALIASES.items():
-        assert vision_metrics.canonical_vtab_task(alias) == task
-    for name in [*vision_metrics.VTAB_ALIASES, "CIFAR-100", "Oxford IIIT Pet", *vision_metrics.VTAB_TASKS]:
-        assert vision_metrics.canonical_vtab_task(name) == resolve_vtab_task(name)
+        assert vtab_aggregate({alias: 50.0})["tasks"] == {task: 50.0}
+        assert vision_metrics.vtab_group_of(alias) == vision_metrics.vtab_group_of(task)
+    for name in ["CIFAR-100", "Oxford IIIT Pet", " dsprites-location ", *vision_metrics.VTAB_TASKS]:
+        assert vtab_aggregate({name: 50.0})["tasks"] == {resolve_vtab_task(name): 50.0}
+
+
+def test_vtab_task_names_in_result_files_use_the_data_resolver(tmp_path):
+    """Every spelling the data readers accept is read from a result file; an unknown one lists the choices."""
+    from datasets_builders.vision import VTAB_ALIASES, ImageDataError, resolve_vtab_task
+
+    for number, name in enumerate(["Oxford-IIIT Pet", "SMALLNORB_AZIMUTH", *VTAB_ALIASES]):
+        path = tmp_path / f"{number}.json"
+        path.write_text(json.dumps({"task": name, "top1": 50.0}))
+        assert evaluate_vision.load_vtab_results([path]) == {resolve_vtab_task(name): 50.0}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"task": "imagenet", "top1": 50.0}))
+    with pytest.raises(
+        ImageDataError, match=r"unknown VTAB-1k task 'imagenet'; expected one of cifar.*spellings: .*pcam"
+    ):
+        evaluate_vision.load_vtab_results([bad])
 
 
 def test_vtab_aggregate_distinguishes_the_two_means():
@@ -210,7 +229,7 @@ def test_vtab_partial_results():
 @pytest.mark.parametrize(
     ("scores", "message"),
     [
-        ({"imagenet": 80.0}, "unknown VTAB task 'imagenet'.*clevr_count"),
+        ({"imagenet": 80.0}, "unknown VTAB-1k task 'imagenet'.*clevr_count"),
         ({"cifar": 70.0, "cifar100": 71.0}, "given twice"),
         ({"dtd": 170.0}, r"percentage in \[0, 100\]"),
         ({"dtd": float("nan")}, "percentage"),
@@ -344,7 +363,10 @@ def test_evaluate_classifier_checks_the_logits_shape():
 
 @pytest.fixture
 def fake_vision_stack(monkeypatch):
-    """Stand-ins for hf_tuning.vision and datasets_builders.vision with the agreed interfaces."""
+    """Stand-ins for the trained-run loader, the split readers and the transforms, with the agreed interfaces."""
+    import datasets_builders.image_classification as image_classification
+    import hf_tuning.vision
+
     calls: dict[str, object] = {}
 
     def load_trained_classifier(model_dir):
@@ -359,6 +381,10 @@ def fake_vision_stack(monkeypatch):
         calls["split"] = (str(root), task, split)
         return types.SimpleNamespace(samples=DATASET, classes=["cat", "dog", "owl"], source=f"{root}/{task}")
 
+    def image_folder_split(root, split, *, classes=None):
+        calls["split"] = (str(root), split, classes)
+        return types.SimpleNamespace(samples=DATASET, classes=list(classes), source=str(root))
+
     def build_image_transform(data_config, train=False):
         calls["train"] = train
         return lambda x: x
@@ -366,22 +392,14 @@ def fake_vision_stack(monkeypatch):
     def dataset(split, transform):
         return [{**row, "pixel_values": transform(row["pixel_values"])} for row in split.samples]
 
-    models = types.ModuleType("hf_tuning.vision")
-    models.load_trained_classifier = load_trained_classifier
-    data = types.ModuleType("datasets_builders.vision")
-    data.vtab_split = vtab_split
-    data.build_image_transform = build_image_transform
-    data.ImageClassificationDataset = dataset
-
-    def image_folder_split(root, split, *, classes=None):
-        calls["split"] = (str(root), split, classes)
-        return types.SimpleNamespace(samples=DATASET, classes=list(classes), source=str(root))
-
-    data.image_folder_split = image_folder_split
-    for name in ("fgvc_split", "few_shot_split"):
-        setattr(data, name, None)
-    monkeypatch.setitem(sys.modules, "hf_tuning.vision", models)
-    monkeypatch.setitem(sys.modules, "datasets_builders.vision", data)
+    monkeypatch.setattr(hf_tuning.vision, "load_trained_classifier", load_trained_classifier)
+    # the split readers as read_split (shared with the recipe's data arguments) finds them
+    monkeypatch.setattr(image_classification, "vtab_split", vtab_split)
+    monkeypatch.setattr(image_classification, "image_folder_split", image_folder_split)
+    monkeypatch.setattr(image_classification, "fgvc_split", None)
+    monkeypatch.setattr(image_classification, "few_shot_split", None)
+    monkeypatch.setattr(evaluate_vision, "build_image_transform", build_image_transform)
+    monkeypatch.setattr(evaluate_vision, "ImageClassificationDataset", dataset)
     return calls
 
 
@@ -470,3 +488,54 @@ def test_cli_default_splits():
     args = evaluate_vision.parse_args(["--model_dir", "m", "--data_dir", "d", "--data_format", "fgvc", "--task", "cub"])
     assert args.split == "test" and args.model_dir == ["m"] and args.batch_size == 64 and args.num_workers == 0
     assert evaluate_vision.parse_args(["--model_dir", "a", "b", "--data_dir", "d"]).model_dir == ["a", "b"]
+
+
+def test_evaluate_run_with_values_matches_the_cli(tmp_path, fake_vision_stack):
+    """The CLI is a thin wrapper: settings built in code and evaluate_run give the CLI's report."""
+    run = tmp_path / "vit-dtd"
+    run.mkdir()
+    argv = ["--data_format", "vtab", "--data_dir", str(tmp_path), "--task", "dtd", "--batch_size", "2"]
+    assert evaluate_vision.main(["--model_dir", str(run), *argv, "--output_dir", str(tmp_path / "cli")]) == 0
+    from_cli = json.loads((tmp_path / "cli" / "eval_vision.json").read_text())
+
+    settings = evaluate_vision.VisionEvalSettings(
+        model_dir=[str(run)], data_format="vtab", data_dir=str(tmp_path), task="dtd", batch_size=2
+    )
+    assert settings == evaluate_vision.parse_args(["--model_dir", str(run), *argv])
+    results = evaluate_vision.evaluate_run(run, settings, tmp_path / "code")
+    timing = ("eval_seconds", "images_per_second")
+    assert {k: v for k, v in results.items() if k not in timing} == {
+        k: v for k, v in from_cli.items() if k not in timing
+    }
+    assert json.loads((tmp_path / "code" / "eval_vision.json").read_text()) == results
+    assert evaluate_vision.evaluate_runs(settings)[0]["top1"] == results["top1"]  # reports beside the model
+    assert (run / "eval_vision.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"model_dir": ["m"], "data_dir": "d", "data_format": "vtab"}, "--task is required"),
+        ({"model_dir": ["m"], "data_dir": "d", "data_format": "coco"}, "not one of imagefolder"),
+        ({"model_dir": ["m"], "data_dir": "d", "shots": 2}, "--shots and --seed are for"),
+        ({"model_dir": ["m"], "data_dir": "d", "batch_size": 0}, "--batch_size must be at least 1"),
+        ({"data_dir": "d"}, "--model_dir is required"),
+        ({"vtab_results": ["a.json"]}, "--output_dir is required"),
+    ],
+)
+def test_settings_validate_in_code_too(options, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_vision.VisionEvalSettings(**options)
+
+
+@pytest.mark.parametrize("wrap", ["mapping", "tuple"])
+def test_collect_logits_reads_outputs_as_the_trainer_does(wrap):
+    """One ``logits_of`` (the library's) for training and evaluation: mappings and tuples work too."""
+
+    class Wrapped(PixelPicker):
+        def forward(self, pixel_values: torch.Tensor):
+            logits = super().forward(pixel_values)
+            return {"logits": logits} if wrap == "mapping" else (logits, pixel_values)
+
+    logits, labels = evaluate_vision.collect_logits(Wrapped(), DataLoader(DATASET, batch_size=2))
+    assert torch.equal(logits, torch.tensor(LOGITS)) and labels.tolist() == LABELS

@@ -143,9 +143,7 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase, name: str) -> str:
     return tokenizer.eos_token
 
 
-def stop_token_ids(
-    tokenizer: PreTrainedTokenizerBase, template: str, *, generation_config: Any = None
-) -> list[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: str, *, generation_config: Any = None) -> list[int]:
     """The token ids generation must stop on: the end-of-turn token of ``template`` (the name
     :func:`apply_training_chat_template` returned), the tokenizer's EOS and any EOS ``generation_config`` names."""
     ids: set[int] = set()
