@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerState
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from hf_tuning.arguments import StagedTuningArgumentsMixin
 from hf_tuning.backward import BackwardStopper
@@ -44,7 +44,10 @@ __all__ = ["StagedTrainerMixin", "StagedTrainer", "STATE_FILE", "stage_dir_name"
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "dt_state.json"
+# stage k shuffles with data_seed + k * STAGE_SEED_STRIDE (see StagedTrainerMixin._seed_stage_shuffle)
+STAGE_SEED_STRIDE = 1_000_003
 _STAGE_DIR = re.compile(r"^stage-(\d+)$")
+_CHECKPOINT_DIR = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def stage_dir_name(index: int) -> str:
@@ -52,7 +55,9 @@ def stage_dir_name(index: int) -> str:
 
 
 def find_last_staged_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest complete checkpoint of a staged run: highest stage, then highest step."""
+    """The newest complete checkpoint of a staged run: highest stage, then highest step, among the
+    checkpoints that hold their ``dt_state.json`` (written last, so a checkpoint interrupted while being
+    saved is skipped for the one before it, not for a whole earlier stage)."""
     root = Path(output_dir)
     if not root.is_dir():
         return None
@@ -60,9 +65,14 @@ def find_last_staged_checkpoint(output_dir: str | os.PathLike) -> str | None:
         (int(m.group(1)), child) for child in root.iterdir() if (m := _STAGE_DIR.match(child.name)) and child.is_dir()
     )
     for _, stage_dir in reversed(stages):
-        checkpoint = get_last_checkpoint(str(stage_dir))
-        if checkpoint is not None and (Path(checkpoint) / STATE_FILE).is_file():
-            return checkpoint
+        checkpoints = sorted(
+            (int(m.group(1)), child)
+            for child in stage_dir.iterdir()
+            if (m := _CHECKPOINT_DIR.match(child.name)) and child.is_dir()
+        )
+        for _, checkpoint in reversed(checkpoints):
+            if (checkpoint / STATE_FILE).is_file():
+                return str(checkpoint)
     return None
 
 
@@ -97,6 +107,12 @@ class StagedTrainerMixin:
             )
         if self.model_init is not None:
             raise ValueError(f"{type(self).__name__} does not support model_init; pass the model itself")
+        if self.is_fsdp_enabled or targs.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            raise ValueError(
+                f"{type(self).__name__} does not support FSDP yet: it re-wraps the model for every stage, which "
+                "FSDP's flat parameters do not allow. Launch with DeepSpeed ZeRO-3 instead "
+                "(accelerate_configs/deepspeed_zero3.yaml) to shard the model"
+            )
         if self.is_deepspeed_enabled:
             check_deepspeed_config(targs, self.accelerator.state.deepspeed_plugin.hf_ds_config)
             self._pristine_ds_config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.hf_ds_config.config)
@@ -120,6 +136,9 @@ class StagedTrainerMixin:
         self.add_callback(self.stage_callback)
         self.stage_records: list[StageRecord] = []  # one per finished stage, in order
         self._active_stage: Stage | None = None
+        self._announced_stage: int | None = None  # the stage whose dt/stage_begin was logged
+        if targs.dt_stage_init == "best":
+            self._check_each_stage_gets_a_best_checkpoint()
 
     @property
     def _step_offset(self) -> int:
@@ -139,6 +158,7 @@ class StagedTrainerMixin:
         """Run every stage of the plan (or the remaining ones when resuming)."""
         args = self.args
         checkpoint, first_stage = self._resolve_resume(resume_from_checkpoint)
+        self._announced_stage = None
         budgets = self._stage_budgets()
         loader_config = self.accelerator.dataloader_config
         saved = {"max_steps": args.max_steps, "data_seed": args.data_seed, "loader_seed": loader_config.data_seed}
@@ -164,6 +184,8 @@ class StagedTrainerMixin:
             loader_config.data_seed = saved["loader_seed"]
             self._active_stage = None
             self._restore_trainable()
+        # each stage's TrainerState counts its own steps; what follows (evaluate, save) logs on the run's axis
+        self.state.global_step = self._step_offset
         return self._combined_output(outputs)
 
     def _enter_stage(self, stage: Stage, max_steps: int | None) -> None:
@@ -191,16 +213,28 @@ class StagedTrainerMixin:
             f"{stage.num_params:,}",
             list(stage.groups),
         )
-        self.log({"dt/stage_begin": stage.index, "dt/trainable_params": stage.num_params})
+
+    def _announce_stage(self) -> None:
+        """Log ``dt/stage_begin`` once per stage, from inside ``train()``: after the callbacks' ``on_train_begin``
+        (where TensorBoard, W&B and the others open their run in ``output_dir``) and through the stage's own
+        ``TrainerState`` (which knows whether this process is rank 0). A stage resumed mid-way logged it before."""
+        stage = self._active_stage
+        if stage is None or self._announced_stage == stage.index:
+            return
+        self._announced_stage = stage.index
+        if self.state.global_step == 0:
+            self.log({"dt/stage_begin": stage.index, "dt/trainable_params": stage.num_params})
 
     def _seed_stage_shuffle(self, stage: Stage, data_seed: int | None, loader_seed: int | None) -> None:
-        """Stage k > 0 shuffles with ``data_seed + k``: otherwise every stage (each a fresh ``train()``
-        that re-seeds) would replay the same batches, and stages shorter than an epoch would all see
-        the same prefix of the data. Stage 0 keeps the user's seeds, so ``ost`` equals plain training."""
+        """Stage k > 0 shuffles with ``data_seed + k * STAGE_SEED_STRIDE``: otherwise every stage (each a fresh
+        ``train()`` that re-seeds) would replay the same batches. The samplers shuffle epoch e with
+        ``seed + e``, so consecutive stage seeds would make stage k's epoch e stage 0's epoch e + k; the stride
+        keeps every (stage, epoch) order distinct for any realistic epoch count. Stage 0 keeps the user's
+        seeds, so ``ost`` equals plain training."""
         if stage.index == 0:
             self.args.data_seed, self.accelerator.dataloader_config.data_seed = data_seed, loader_seed
             return
-        seed = (data_seed if data_seed is not None else self.args.seed) + stage.index
+        seed = (data_seed if data_seed is not None else self.args.seed) + stage.index * STAGE_SEED_STRIDE
         self.args.data_seed = self.accelerator.dataloader_config.data_seed = seed
 
     def _leave_stage(self, stage: Stage, output: TrainOutput) -> None:
@@ -280,6 +314,7 @@ class StagedTrainerMixin:
                 param.requires_grad_(True)
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        self._announce_stage()
         # Resumed from the last checkpoint of a stage: transformers would take one more step past
         # max_steps (with a constant LR that changes the weights); the stage is already complete.
         if self._active_stage is not None and 0 < self.state.max_steps <= self.state.global_step:
@@ -302,9 +337,7 @@ class StagedTrainerMixin:
         count = len(self.stage_plan)
         if self.args.dt_budget == "per_stage" or count == 1:
             return [None] * count
-        dataloader = self.get_train_dataloader()
-        total = self.set_initial_training_values(self.args, dataloader)[-1]
-        self.accelerator.free_memory()
+        total = self._total_steps()
         if total < count:
             raise ValueError(
                 f"dt_budget='split' divides {total} optimizer steps across {count} stages; that leaves a "
@@ -312,6 +345,35 @@ class StagedTrainerMixin:
             )
         base, extra = divmod(total, count)
         return [base + (1 if i < extra else 0) for i in range(count)]
+
+    def _total_steps(self) -> int:
+        """The optimizer steps the arguments give one ``train()`` call (num_train_epochs or max_steps)."""
+        dataloader = self.get_train_dataloader()
+        total = self.set_initial_training_values(self.args, dataloader)[-1]
+        self.accelerator.free_memory()
+        return total
+
+    def _check_each_stage_gets_a_best_checkpoint(self) -> None:
+        """``dt_stage_init='best'`` starts each stage from the previous stage's best checkpoint. Under step-based
+        evaluation a stage shorter than the first step that both evaluates and saves has none, and would
+        silently start the next stage from its last weights: refuse that before any training."""
+        args = self.args
+        if str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "steps" or self.train_dataset is None:
+            return  # epoch evaluation runs at the end of every stage, however short
+        save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+        needed = args.save_steps if save_strategy == "steps" else args.eval_steps
+        if needed is None or needed < 1:
+            return  # a fraction of each stage's own steps: always inside the stage
+        steps = [budget or self._total_steps() for budget in self._stage_budgets()]
+        short = [(stage.index, n) for stage, n in zip(self.stage_plan.stages, steps, strict=True) if n < needed]
+        if short:
+            listed = ", ".join(f"stage {index} ({n} steps)" for index, n in short)
+            raise ValueError(
+                f"dt_stage_init='best' needs every stage to evaluate and save at least once, but with "
+                f"{'save_steps' if save_strategy == 'steps' else 'eval_steps'}={int(needed)} the first evaluated "
+                f"checkpoint comes after the end of {listed}. Lower eval_steps/save_steps (a fraction such as 0.25 "
+                "is taken of each stage's steps), use eval_strategy='epoch', or dt_stage_init='last'"
+            )
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Tag logs with the stage and report a global step that runs on across stages."""
@@ -346,7 +408,9 @@ class StagedTrainerMixin:
             super()._save_checkpoint(model, trial)
         if self._active_stage is None or not self.args.should_save:
             return
-        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._save_checkpoint_extras(folder)
+        # written last: its presence marks the checkpoint complete (find_last_staged_checkpoint)
         atomic_write_json(
             folder / STATE_FILE,
             {
@@ -358,6 +422,10 @@ class StagedTrainerMixin:
                 "completed_log_history": self.stage_callback.log_history,
             },
         )
+
+    def _save_checkpoint_extras(self, folder: Path) -> None:
+        """What a subclass adds to a checkpoint (the DiT trainer's EMA); runs on the saving process before the
+        checkpoint is marked complete."""
 
     def _resolve_resume(self, resume: str | bool | None) -> tuple[str | None, int]:
         if resume is None or resume is False:

@@ -289,13 +289,9 @@ class ChainOfForgettingTrainer(StagedTrainer):
     # ---------------------------------------------------------------------------------------
     # EMA in checkpoints and outputs
     # ---------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
+    def _save_checkpoint_extras(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
         with atomic_output(folder / EMA_FILE) as tmp:
             save_file(self.ema.state_dict(), str(tmp), metadata={"decay": str(self.ema.decay)})
 

@@ -335,3 +335,29 @@ def test_dit_xl2_256_with_the_sd_vae_fits_together():
     assert null_class_of(dit) == 1000 and learns_sigma(dit)
     with pytest.raises(DiffusionSetupError, match="takes \\(4, 32, 32\\)"):
         check_vae_matches(vae, dit, image_size=512, image_channels=3)
+
+
+def test_a_checkpoint_is_marked_complete_only_after_its_ema(tmp_path, monkeypatch):
+    """The completeness marker (dt_state.json) is written last: a crash while the EMA is being written leaves a
+    checkpoint that resuming skips, instead of one that looks complete and is then refused."""
+    from hf_tuning.diffusion.ema import ExponentialMovingAverage
+    from hf_tuning.trainer import STATE_FILE, find_last_staged_checkpoint
+
+    args = make_config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    trainer = ChainOfForgettingTrainer(model=tiny_dit(layers=1), args=args, train_dataset=target_data(tmp_path))
+    saves = {"count": 0}
+    state_dict = ExponentialMovingAverage.state_dict
+
+    def crash_on_the_second_save(self):
+        saves["count"] += 1
+        if saves["count"] == 2:
+            raise RuntimeError("killed while writing the EMA")
+        return state_dict(self)
+
+    monkeypatch.setattr(ExponentialMovingAverage, "state_dict", crash_on_the_second_save)
+    with pytest.raises(RuntimeError, match="killed while writing the EMA"):
+        trainer.train()
+    stage = Path(args.output_dir) / "stage-0"
+    assert (stage / "checkpoint-2" / STATE_FILE).is_file() and (stage / "checkpoint-4").is_dir()
+    assert not (stage / "checkpoint-4" / STATE_FILE).exists()
+    assert find_last_staged_checkpoint(args.output_dir) == str(stage / "checkpoint-2")

@@ -22,7 +22,9 @@ SCRIPT = REPO_ROOT / "tests" / "helpers" / "staged_run.py"
 pytestmark = pytest.mark.slow
 
 
-def launch(tmp_path: Path, config: str, processes: int, *script_args: str) -> tuple[Path, Path]:
+def launch(tmp_path: Path, config: str, processes: int, *script_args: str, cwd: Path = REPO_ROOT) -> tuple[Path, Path]:
+    """Launch the staged run; its output goes to ``out/``, parameter snapshots to ``snap/``, and what the
+    processes printed to ``launch.log``."""
     out, snap = tmp_path / "out", tmp_path / "snap"
     env = script_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [
@@ -42,8 +44,9 @@ def launch(tmp_path: Path, config: str, processes: int, *script_args: str) -> tu
         str(snap),
         *script_args,
     ]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    (tmp_path / "launch.log").write_text(result.stdout + result.stderr)
     return out, snap
 
 
@@ -54,13 +57,23 @@ def test_single_gpu_config_runs_one_process(tmp_path):
 
 
 def test_ddp_two_processes(tmp_path):
-    out, snap = launch(tmp_path, "multi_gpu.yaml", 2, "--variant", "dt1")
+    workdir = tmp_path / "cwd"  # an empty working directory: nothing may be logged outside output_dir
+    workdir.mkdir()
+    out, snap = launch(
+        tmp_path, "multi_gpu.yaml", 2, "--variant", "dt1", "--bf16", "--report-to", "tensorboard", cwd=workdir
+    )
     info = check_staged_run(out, snap, world_size=2)
     assert info["distributed_type"] == "DistributedType.MULTI_CPU"
+    # only rank 0 reports: one printed dt/stage_begin per stage, one TensorBoard run, inside output_dir
+    printed = (tmp_path / "launch.log").read_text()
+    assert printed.count("'dt/stage_begin'") == len(info["stages"]) == 4
+    assert list(workdir.iterdir()) == []
+    assert len(list((out / "runs").iterdir())) == 1
 
 
 def test_deepspeed_zero2_full_finetuning(tmp_path):
-    out, snap = launch(tmp_path, "deepspeed_zero2.yaml", 2, "--variant", "dt1")
+    # no weight decay: an active parameter that changed can only have been moved by its gradient
+    out, snap = launch(tmp_path, "deepspeed_zero2.yaml", 2, "--variant", "dt1", "--weight-decay", "0")
     info = check_staged_run(out, snap, world_size=2)
     assert info["distributed_type"] == "DistributedType.DEEPSPEED"
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_tuning import StagedTrainer, StagedTrainingArguments
+from hf_tuning.trainer import STATE_FILE, find_last_staged_checkpoint
 from tests.helpers.snapshots import check_staged_run
 from tests.helpers.staged_run import SimulatedCrash, run
 from tests.helpers.tiny import lm_dataset, tiny_llama
@@ -95,6 +96,52 @@ def test_resume_mid_stage_is_exact(tmp_path):
     assert resumed_logs[-8:] == ref_logs[-8:]  # same stage, step, LR and loss after the resume point
     report = json.loads((tmp_path / "run" / "dt_stages.json").read_text())
     assert report["complete"] and [r["index"] for r in report["stage_records"]] == [0, 1, 2, 3]
+
+
+def test_resume_skips_an_incomplete_newest_checkpoint(tmp_path):
+    """A checkpoint interrupted while being saved has no dt_state.json (written last): resume from the one
+    before it in the same stage, not from the end of the previous stage."""
+    with pytest.raises(SimulatedCrash):
+        run(str(tmp_path / "run"), "dt1", steps=4, save_steps=2, crash="1:4")
+    stage = tmp_path / "run" / "stage-1"
+    (stage / "checkpoint-4" / STATE_FILE).unlink()
+    assert find_last_staged_checkpoint(tmp_path / "run") == str(stage / "checkpoint-2")
+    resumed = run(str(tmp_path / "run"), "dt1", steps=4, save_steps=2, resume=True)
+    stage_1 = [e for e in resumed.stage_callback.log_history if "loss" in e and e["dt/stage"] == 1]
+    assert [e["step"] for e in stage_1] == [5, 6, 7, 8]  # steps 7 and 8 retrained, 5 and 6 kept
+
+
+def test_resume_exactly_at_a_stage_boundary(tmp_path):
+    """Interrupted right after a stage's last checkpoint: the stage is complete, it takes no extra step
+    (the trainer would otherwise run one past max_steps) and the next stage starts as it would have."""
+    reference = run(str(tmp_path / "ref"), "dt1", steps=4, save_steps=2)
+    with pytest.raises(SimulatedCrash):
+        run(str(tmp_path / "run"), "dt1", steps=4, save_steps=2, crash="0:4")
+    assert find_last_staged_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "stage-0" / "checkpoint-4")
+    resumed = run(str(tmp_path / "run"), "dt1", steps=4, save_steps=2, resume=True)
+    for (name, a), (_, b) in zip(reference.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    first = resumed.stage_records[0]
+    assert (first.steps, first.end_step, first.train_loss_mean) == (4, 4, None)  # complete, nothing retrained
+    losses = [(e["step"], e["loss"]) for e in resumed.stage_callback.log_history if "loss" in e]
+    assert losses == [(e["step"], e["loss"]) for e in reference.stage_callback.log_history if "loss" in e]
+
+
+def test_best_stage_init_is_refused_when_a_stage_would_never_evaluate(tmp_path):
+    common = dict(
+        output_dir=str(tmp_path), dt_variant="dt1", dt_budget="split", max_steps=8, dt_stage_init="best",
+        per_device_train_batch_size=4, report_to=[], use_cpu=True,
+    )  # fmt: skip
+    data, held_out = lm_dataset(16), lm_dataset(8, seed=2)
+    too_late = StagedTrainingArguments(**common, eval_strategy="steps", eval_steps=4, save_steps=4)
+    with pytest.raises(ValueError, match=r"stage 0 \(2 steps\).*stage 3 \(2 steps\)"):
+        StagedTrainer(model=tiny_llama(layers=4), args=too_late, train_dataset=data, eval_dataset=held_out)
+    for fitting in (
+        StagedTrainingArguments(**common, eval_strategy="steps", eval_steps=2, save_steps=2),
+        StagedTrainingArguments(**common, eval_strategy="steps", eval_steps=0.5, save_steps=0.5),
+        StagedTrainingArguments(**common, eval_strategy="epoch", save_strategy="epoch"),
+    ):
+        StagedTrainer(model=tiny_llama(layers=4), args=fitting, train_dataset=data, eval_dataset=held_out)
 
 
 def test_resume_errors(tmp_path):
@@ -190,8 +237,15 @@ def test_input_require_grads_hook_is_lifted_per_stage(tmp_path):
 
 
 def test_outputs_report_timeline_and_tensorboard(tmp_path, monkeypatch):
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    # from an empty working directory and without TENSORBOARD_LOGGING_DIR: every stage, the first included,
+    # logs into one run folder inside output_dir, never into ./runs
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     trainer = run(str(tmp_path / "out"), "dt2", steps=3, report_to=["tensorboard"])
+    assert list(workdir.iterdir()) == []
+    (tb_run,) = (tmp_path / "out" / "runs").iterdir()
     report = json.loads((tmp_path / "out" / "dt_stages.json").read_text())
     assert report["variant"] == "dt2" and report["complete"] and report["budget"] == "per_stage"
     records = report["stage_records"]
@@ -208,7 +262,7 @@ def test_outputs_report_timeline_and_tensorboard(tmp_path, monkeypatch):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "tb"))
+    events = EventAccumulator(str(tb_run))
     events.Reload()
     begins = [(e.step, e.value) for e in events.Scalars("train/dt/stage_begin")]
     assert begins == [(0, 0.0), (3, 1.0), (6, 2.0), (9, 3.0)]
@@ -310,3 +364,43 @@ def test_each_stage_draws_its_own_shuffle(tmp_path):
     assert len({tuple(seen[k]) for k in seen}) == 4  # no two stages replay the same batches
     assert len({row for rows in seen.values() for row in rows}) > 40  # of 64 rows, one epoch in total
     assert args.data_seed is None  # restored
+
+
+@pytest.mark.parametrize(("variant", "epochs"), [("dt3", 2), ("dt1", 3)])
+def test_no_two_stage_epochs_share_a_shuffle(tmp_path, variant, epochs):
+    """Samplers shuffle epoch e with seed + e: with stage seeds one apart, stage k's epoch e would replay
+    stage 0's epoch e + k batch for batch."""
+    orders: dict[tuple[int, int], list[tuple]] = {}
+
+    class Recording(StagedTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            key = (self._active_stage.index, self.state.global_step // 4)  # 16 rows, batch 4: 4 steps an epoch
+            orders.setdefault(key, []).extend(tuple(r) for r in inputs["input_ids"][:, :4].tolist())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    data = lm_dataset(16, 16, seed=4)
+    rows = sorted(tuple(r[:4]) for r in data["input_ids"])
+    assert len(set(rows)) == 16
+    args = StagedTrainingArguments(
+        output_dir=str(tmp_path), dt_variant=variant, dt_budget="per_stage", num_train_epochs=epochs,
+        per_device_train_batch_size=4, save_strategy="no", report_to=[], disable_tqdm=True, seed=3,
+    )  # fmt: skip
+    Recording(model=tiny_llama(), args=args, train_dataset=data).train()
+    stages = {"dt3": 2, "dt1": 4}[variant]
+    assert sorted(orders) == [(stage, epoch) for stage in range(stages) for epoch in range(epochs)]
+    assert all(sorted(order) == rows for order in orders.values())  # every epoch sees every row once
+    assert len({tuple(order) for order in orders.values()}) == stages * epochs
+
+
+def test_after_training_the_state_and_later_logs_use_the_global_step(tmp_path):
+    trainer = run(str(tmp_path / "out"), "dt1", steps=2, eval_strategy="no")
+    assert trainer.state.global_step == 8  # 4 stages of 2 steps, not the last stage's own 2
+    metrics = trainer.evaluate(lm_dataset(8, seed=2))
+    assert trainer.state.log_history[-1]["step"] == 8 and "eval_loss" in metrics
+
+
+def test_fsdp_is_refused_before_training(tmp_path, monkeypatch):
+    args = StagedTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(ValueError, match="does not support FSDP"):
+        StagedTrainer(model=tiny_llama(layers=4), args=args, train_dataset=lm_dataset(8))

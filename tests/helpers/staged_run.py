@@ -151,6 +151,9 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--crash", default=None, help="STAGE:STEP")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report-to", nargs="*", default=[], help="logging integrations (default none)")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     cli = parser.parse_args()
     run(
         cli.output,
@@ -161,6 +164,9 @@ def main() -> None:
         cli.save_steps,
         cli.crash,
         cli.resume,
+        cli.weight_decay,
+        report_to=cli.report_to,
+        bf16=cli.bf16,
     )
 
 
