@@ -5,6 +5,11 @@ or a Hub dataset id. Every bad row is reported as ``<file>:<line>: <field>: <pro
 an editor, exact duplicates are removed, and the data is split deterministically: rows whose ``split`` column
 says ``test`` (or ``heldout``) form a fixed ``test`` split, and the ``validation`` split is chosen by a stable
 hash of each conversation, so the assignment depends neither on row order nor on rows added later.
+
+The builder is text-only. Columns its format does not read (``images`` in multimodal ShareGPT data, say) are
+named in a warning and in :attr:`BuildReport.dropped_columns`, and a row whose text carries an image
+placeholder (:data:`IMAGE_PLACEHOLDERS`) is a bad row: training on the bare placeholder without its image
+would teach the model to answer questions about pictures it never saw.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ __all__ = [
     "FORMAT_COLUMNS",
     "PASSTHROUGH_COLUMNS",
     "HELDOUT_SPLIT_VALUES",
+    "IMAGE_PLACEHOLDERS",
     "BadRowsError",
     "EmptyDatasetError",
     "FormatError",
@@ -59,10 +65,23 @@ FORMAT_COLUMNS = {
 }
 PASSTHROUGH_COLUMNS = ("id", "category")
 HELDOUT_SPLIT_VALUES = ("test", "heldout")
+# Image placeholders of common multimodal instruction data, by the data they come from:
+#   <image>, <image_1>, <image 1>   LLaVA, ShareGPT4V, LLaMA-Factory's multimodal sharegpt, MMMU
+#   <|image|>, <|image_1|>          Llama 3.2 Vision, Phi-3-vision
+#   <img>                           Qwen-VL (<img>path</img>), InternVL
+#   <|vision_start|>                Qwen2-VL / Qwen2.5-VL
+IMAGE_PLACEHOLDERS = re.compile(r"<image(?:[ _]?\d+)?>|<\|image(?:_\d+)?\|>|<img>|<\|vision_start\|>")
 MAX_LISTED_PROBLEMS = 20
 MAX_LOGGED_LOCATIONS = 5
 
 _KEY_COLUMN = {"alpaca": "instruction", "sharegpt": "conversations", "messages": "messages"}
+# The columns each format reads; with PASSTHROUGH_COLUMNS and ``split``, every other column is dropped.
+_READ_COLUMNS = {
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "sharegpt": ("conversations", "system"),
+    "messages": ("messages",),
+}
+_IMAGE_COLUMNS = ("images", "image")
 _JSON_CELL_COLUMNS = ("conversations", "messages", "history")
 _PATH_SUFFIXES = (*LOCAL_SUFFIXES, ".txt", ".tsv", ".arrow", ".gz", ".zip", ".xz", ".bz2", ".zst", ".xlsx")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -133,6 +152,7 @@ class BuildReport:
     duplicates_removed: int = 0
     heldout_overlap_removed: int = 0
     split_sizes: dict[str, int] = field(default_factory=dict)
+    dropped_columns: list[str] = field(default_factory=list)  # columns with data that the format does not read
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
@@ -140,9 +160,10 @@ class BuildReport:
         skipped = f"{self.rows_skipped} skipped" + (f" ({reasons})" if reasons else "")
         dropped = self.duplicates_removed + self.heldout_overlap_removed
         splits = ", ".join(f"{name}={size}" for name, size in self.split_sizes.items())
+        unused = f"; unused columns dropped: {', '.join(self.dropped_columns)}" if self.dropped_columns else ""
         return (
             f"{self.source} [{self.format}]: {self.rows_read} rows read, {self.rows_kept} kept, {skipped}, "
-            f"{dropped} duplicates removed; splits: {splits}"
+            f"{dropped} duplicates removed; splits: {splits}{unused}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,10 +181,11 @@ class _Example:
 
 
 class _Problems:
-    """Collects the problems of one row at one location."""
+    """Collects the problems of one row at one location; ``image_column`` names the row's (unread) images."""
 
-    def __init__(self, location: str):
+    def __init__(self, location: str, image_column: str | None = None):
         self.location = location
+        self.image_column = image_column
         self.items: list[RowProblem] = []
 
     def add(self, field_name: str, kind: str, detail: str) -> None:
@@ -383,8 +405,20 @@ def _text_value(value: Any, where: str, problems: _Problems, empty_detail: str) 
     elif not value.strip():
         problems.add(where, "empty", empty_detail)
     else:
+        _check_image_placeholder(value, where, problems)
         return value
     return None
+
+
+def _check_image_placeholder(text: str, where: str, problems: _Problems) -> None:
+    """An image placeholder has no image to go with it here: the builder is text-only."""
+    found = IMAGE_PLACEHOLDERS.search(text)
+    if found is None:
+        return
+    detail = f"an {found.group()} placeholder but this text-only builder has no images to go with it"
+    if problems.image_column:
+        detail += f" (the row's {problems.image_column!r} column is not read)"
+    problems.add(where, "image placeholder", detail)
 
 
 def _required_text(row: Mapping[str, Any], name: str, problems: _Problems) -> str | None:
@@ -398,6 +432,7 @@ def _optional_text(row: Mapping[str, Any], name: str, problems: _Problems) -> st
     if not isinstance(value, str):
         problems.add(name, "wrong type", f"expected a string, got {_type_name(value)}")
         return ""
+    _check_image_placeholder(value, name, problems)
     return value
 
 
@@ -416,6 +451,7 @@ def _history_messages(history: Any, problems: _Problems) -> list[dict[str, str]]
         for position, (role, text) in enumerate(zip(("user", "assistant"), pair)):
             if not text.strip():
                 problems.add(f"history[{index}][{position}]", "empty", "empty or whitespace-only")
+            _check_image_placeholder(text, f"history[{index}][{position}]", problems)
             messages.append(_message(role, text))
     return messages
 
@@ -535,10 +571,11 @@ _NORMALISERS = {"alpaca": _alpaca_messages, "sharegpt": _sharegpt_messages, "mes
 def normalise_row(value: Any, fmt: str, location: str) -> tuple[list[dict[str, str]], list[RowProblem]]:
     """The row's own chat messages (no default system prompt) and its problems; messages are only
     meaningful when there is no problem."""
-    problems = _Problems(location)
     if not isinstance(value, Mapping):
+        problems = _Problems(location)
         problems.add("row", "not an object", f"expected a JSON object, got {_type_name(value)}")
         return [], problems.items
+    problems = _Problems(location, next((name for name in _IMAGE_COLUMNS if _has_data(value.get(name))), None))
     messages = _NORMALISERS[fmt](value, problems)
     return messages, problems.items
 
@@ -555,6 +592,22 @@ def _with_system_prompt(messages: list[dict[str, str]], system_prompt: str | Non
     if not system_prompt or (messages and messages[0]["role"] == "system"):
         return messages
     return [_message("system", system_prompt), *messages]
+
+
+def _has_data(value: Any) -> bool:
+    """Not None and not an empty string, list or object."""
+    return value is not None and not (isinstance(value, str | list | tuple | dict) and not value)
+
+
+def _dropped_columns(rows: list[RawRow], fmt: str) -> list[str]:
+    """Columns, in the order first seen, that hold data in some row but that nothing reads (none when no row
+    is an object, which is also when the format stays ``auto``)."""
+    kept = {*_READ_COLUMNS.get(fmt, ()), *PASSTHROUGH_COLUMNS, "split"}
+    dropped: dict[str, None] = {}
+    for raw in rows:
+        if isinstance(raw.value, Mapping):
+            dropped.update((name, None) for name, value in raw.value.items() if name not in kept and _has_data(value))
+    return list(dropped)
 
 
 def _is_heldout(row: Mapping[str, Any]) -> bool:
@@ -722,7 +775,16 @@ def build_instruction_dataset(
     _check_options(format, on_bad_rows, validation_size)
     label, rows = read_source(source, config=config, split=split)
     fmt = _resolve_format(rows, format, label)
-    report = BuildReport(source=label, format=fmt, rows_read=len(rows))
+    report = BuildReport(source=label, format=fmt, rows_read=len(rows), dropped_columns=_dropped_columns(rows, fmt))
+    if report.dropped_columns:
+        logger.warning(
+            "%s: the column(s) %s are dropped: this text-only builder reads only the %s columns (%s), %s and split",
+            label,
+            ", ".join(report.dropped_columns),
+            fmt,
+            ", ".join(_READ_COLUMNS[fmt]),
+            ", ".join(PASSTHROUGH_COLUMNS),
+        )
     examples, bad = _normalise_rows(rows, fmt, system_prompt)
     _handle_bad_rows(bad, on_bad_rows, label, report)
     if not examples:

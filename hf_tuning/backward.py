@@ -16,6 +16,7 @@ autograd graph at all, so this costs one block's activations. :meth:`restore` un
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -23,16 +24,20 @@ from torch import nn
 __all__ = ["BackwardStopper", "lowest_active_block", "uses_reentrant_checkpointing"]
 
 
-def lowest_active_block(block_prefixes: list[str], active: set[str], all_names: list[str]) -> int:
-    """Index of the lowest block holding an active parameter; -1 when an active parameter sits
-    before the first block (embeddings), ``len(block_prefixes)`` when no block is active."""
-    first_block_position = min(
-        (i for i, name in enumerate(all_names) if any(name.startswith(p) for p in block_prefixes)),
-        default=len(all_names),
-    )
-    for position, name in enumerate(all_names):
-        if position < first_block_position and name in active:
-            return -1
+def lowest_active_block(
+    block_prefixes: list[str], active: set[str], all_names: list[str], before_blocks: Sequence[str] | None = None
+) -> int:
+    """Index of the lowest block holding an active parameter; -1 when an active parameter runs before the
+    first block (embeddings), ``len(block_prefixes)`` when no block is active. ``before_blocks`` names the
+    parameters that run before the blocks (the partition knows them); without it, those registered before."""
+    if before_blocks is None:
+        first_block_position = min(
+            (i for i, name in enumerate(all_names) if any(name.startswith(p) for p in block_prefixes)),
+            default=len(all_names),
+        )
+        before_blocks = all_names[:first_block_position]
+    if active.intersection(before_blocks):
+        return -1
     for index, prefix in enumerate(block_prefixes):
         if any(name.startswith(prefix) for name in active):
             return index
@@ -55,6 +60,7 @@ class BackwardStopper:
 
     model: nn.Module
     block_prefixes: list[str]
+    before_blocks: Sequence[str] | None = None  # the parameters that run before the blocks (None: registered before)
     _handles: list = field(default_factory=list)
     _checkpoint_flags: dict[int, bool] = field(default_factory=dict)
 
@@ -71,7 +77,7 @@ class BackwardStopper:
         if not self.block_prefixes:
             return 0
         names = [name for name, _ in self.model.named_parameters()]
-        lowest = lowest_active_block(self.block_prefixes, active, names)
+        lowest = lowest_active_block(self.block_prefixes, active, names, self.before_blocks)
         if lowest == -1:
             return lowest  # trainable embeddings: backward must reach the input anyway
         embeddings = _input_embeddings(self.model)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from hf_tuning.families import BlocksNotFoundError, BlockStack, find_block_stack
+from hf_tuning.forward_order import runs_after_blocks
 
 __all__ = [
     "SubspaceGroup",
@@ -67,6 +68,8 @@ class SubspacePartition:
         family: the block family used, ``None`` for regex groups.
         num_blocks: number of blocks found (0 for regex groups).
         param_numel: element count per candidate parameter, for reporting.
+        runs_before_blocks: the candidates outside the blocks that run before them (embeddings, stem), where
+            the blocks were found; backward must reach the input when one of them trains.
     """
 
     scheme: str
@@ -76,6 +79,7 @@ class SubspacePartition:
     family: str | None = None
     num_blocks: int = 0
     param_numel: dict[str, int] = field(default_factory=dict)
+    runs_before_blocks: tuple[str, ...] | None = None
 
     @property
     def trainable(self) -> tuple[str, ...]:
@@ -125,9 +129,10 @@ def whole_model_partition(
         return partition_subspaces(model, "regex", groups=groups, always_trainable=always_trainable, frozen=frozen)
     candidates = _trainable(model, list(model.named_parameters()))
     frozen_patterns = _compile(frozen, "frozen") or []
+    matches = _pattern_matcher(model)
     kept, excluded = [], []
-    for name, _ in candidates:
-        (excluded if any(p.search(name) for p in frozen_patterns) else kept).append(name)
+    for name, param in candidates:
+        (excluded if matches(frozen_patterns, param) else kept).append(name)
     return SubspacePartition(
         scheme="none",
         groups=[SubspaceGroup(name="all", blocks="all", params=tuple(kept))],
@@ -135,6 +140,20 @@ def whole_model_partition(
         frozen=tuple(excluded),
         param_numel=_numel(candidates),
     )
+
+
+def _pattern_matcher(model: nn.Module):
+    """``matches(patterns, param)``: whether any pattern finds any name of ``param``. A parameter shared by
+    several modules (a head tied to the input embeddings) answers to every name it has, so ``lm_head`` in
+    ``dt_frozen`` or ``dt_always_trainable`` reaches a tied head listed as ``embed_tokens``."""
+    aliases: dict[int, list[str]] = {}
+    for alias, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(alias)
+
+    def matches(patterns: Sequence[re.Pattern[str]], param: nn.Parameter) -> bool:
+        return any(p.search(alias) for p in patterns for alias in aliases[id(param)])
+
+    return matches
 
 
 def _output_side_ids(model: nn.Module) -> set[int]:
@@ -206,14 +225,15 @@ def partition_subspaces(
     always_patterns = _compile(always_trainable, "always_trainable")
     head_ids = _output_side_ids(model)
 
-    is_frozen = {name: any(p.search(name) for p in frozen_patterns) for name, _ in candidates}
+    matches = _pattern_matcher(model)
+    is_frozen = {name: matches(frozen_patterns, param) for name, param in candidates}
 
     def is_always(name: str, param: nn.Parameter, output_side: bool) -> bool:
         if _ALWAYS_PEFT_PATTERN.search(name):
             return True
         if always_patterns is None:
             return output_side or id(param) in head_ids
-        return any(p.search(name) for p in always_patterns)
+        return matches(always_patterns, param)
 
     if scheme == "regex":
         try:
@@ -226,6 +246,7 @@ def partition_subspaces(
     position = {name: i for i, (name, _) in enumerate(named)}
     block_positions = [position[n] for n, _ in named if any(n.startswith(b) for b, _, _ in stack.blocks)]
     first_block, last_block = min(block_positions), max(block_positions)
+    late = _registered_early_but_run_late(model, stack, named, position, first_block)
 
     def locate(name: str) -> tuple[int, int] | int | None:
         for prefix, stage, index in stack.blocks:
@@ -241,10 +262,13 @@ def partition_subspaces(
     members: list[list[str]] = [[] for _ in range(n_groups)]
     always: list[str] = []
     excluded: list[str] = []
+    runs_before: list[str] = []
     for name, param in candidates:
         where = locate(name)
-        output_side = where is None and position[name] > last_block
-        input_side = where is None and position[name] < first_block
+        output_side = where is None and (position[name] > last_block or name in late)
+        input_side = where is None and position[name] < first_block and name not in late
+        if input_side:
+            runs_before.append(name)
         if is_frozen[name]:
             excluded.append(name)
         elif is_always(name, param, output_side):
@@ -280,7 +304,39 @@ def partition_subspaces(
         family=stack.family.name,
         num_blocks=len(stack.blocks),
         param_numel=numel,
+        runs_before_blocks=tuple(runs_before),
     )
+
+
+def _registered_early_but_run_late(
+    model: nn.Module, stack: BlockStack, named: list[tuple[str, nn.Parameter]], position: dict[str, int], first: int
+) -> set[str]:
+    """Parameters registered before the blocks that run after them (OPT's ``final_layer_norm``, ``project_out``).
+
+    Only modules registered before the blocks other than the input embeddings are in doubt; where there are
+    any, one forward pass on the model's dummy inputs says where they run (:mod:`hf_tuning.forward_order`)."""
+    prefixes = tuple(prefix for prefix, _, _ in stack.blocks) + tuple(stack.stage_prefixes)
+    embedding_ids = _input_embedding_ids(model)
+    doubtful = {
+        name: name.rpartition(".")[0]
+        for name, param in named
+        if position[name] < first and not name.startswith(prefixes) and id(param) not in embedding_ids
+    }
+    if not doubtful:
+        return set()
+    late = runs_after_blocks(model, [prefix for prefix, _, _ in stack.blocks], sorted(set(doubtful.values())))
+    if late is None:
+        return set()
+    return {name for name, module in doubtful.items() if late.get(module)}
+
+
+def _input_embedding_ids(model: nn.Module) -> set[int]:
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    return {id(p) for p in embeddings.parameters()} if isinstance(embeddings, nn.Module) else set()
 
 
 def _group_name(scheme: str, index: int, count: int) -> str:

@@ -33,6 +33,7 @@ from hf_tuning.arguments import StagedTuningArgumentsMixin
 from hf_tuning.backward import BackwardStopper
 from hf_tuning.callback import StagedTuningCallback
 from hf_tuning.deepspeed_checks import check_deepspeed_config
+from hf_tuning.deepspeed_release import unlink_engine
 from hf_tuning.deepspeed_resume import restore_frozen_weights
 from hf_tuning.families import BlocksNotFoundError, find_block_stack
 from hf_tuning.io import atomic_write_json, read_json
@@ -131,7 +132,7 @@ class StagedTrainerMixin:
             prefixes = [prefix for prefix, _, _ in find_block_stack(self.model).blocks]
         except BlocksNotFoundError:
             prefixes = []  # regex groups on an unregistered family: backward-stop is not applied
-        self._backward = BackwardStopper(self.model, prefixes)
+        self._backward = BackwardStopper(self.model, prefixes, self.stage_plan.partition.runs_before_blocks)
         self.stage_callback = StagedTuningCallback(backward=self._backward)
         self.add_callback(self.stage_callback)
         self.stage_records: list[StageRecord] = []  # one per finished stage, in order
@@ -195,14 +196,11 @@ class StagedTrainerMixin:
             args.max_steps = max_steps
         self._apply_stage_mask(stage)
         # fresh optimizer, scheduler and wrapper: the Trainer rebuilds them from the current mask
-        self.optimizer, self.lr_scheduler = None, None
-        self.model_wrapped = self.model
-        self.deepspeed = None
+        self._release_finished_stage()
         if self.is_deepspeed_enabled:
             config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
             config.clear()
             config.update(copy.deepcopy(self._pristine_ds_config))
-        gc.collect()
         self.state = TrainerState()  # the finished stage's state; train() makes a fresh one anyway
         self.stage_callback.begin_stage(stage)
         logger.info(
@@ -213,6 +211,22 @@ class StagedTrainerMixin:
             f"{stage.num_params:,}",
             list(stage.groups),
         )
+
+    def _release_finished_stage(self) -> None:
+        """Drop every reference to the finished stage's optimizer, scheduler and DDP/DeepSpeed wrapper before the
+        next stage builds its own. DeepSpeed allocates fp32 master weights and Adam moments when its engine is
+        built, so anything still holding the old ones (the callback handler, the accelerator's lists, the engine's
+        hooks on the model and its links from every parameter: :mod:`hf_tuning.deepspeed_release`) would make each
+        stage switch hold both stages' state at once, exactly where full fine-tuning has the least room."""
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        self.accelerator.free_memory()  # destroys the DeepSpeed engine and forgets what the accelerator prepared
+        if wrapped is not None:
+            unlink_engine(wrapped.engine, self.model)
+        self.optimizer, self.lr_scheduler = None, None
+        self.callback_handler.optimizer, self.callback_handler.lr_scheduler = None, None
+        self.model_wrapped = self.model
+        self.deepspeed = None
+        gc.collect()
 
     def _announce_stage(self) -> None:
         """Log ``dt/stage_begin`` once per stage, from inside ``train()``: after the callbacks' ``on_train_begin``

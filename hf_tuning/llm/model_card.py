@@ -2,9 +2,10 @@
 
 The YAML header carries what the Hub indexes (``base_model``, ``library_name: peft``,
 ``datasets``, ``tags``, ``model-index`` results) plus an ``hf_tuning`` block with the variant and
-its stages. The results section sits between markers, so :func:`update_eval_results` can rewrite
-it after a separate evaluation run without touching the rest. Tokens never reach the card:
-only the values passed in are written.
+its stages. The body names the training chat template and how its text differs from the base
+model's stock template (``docs/chat_templates.md``). The results section sits between markers,
+so :func:`update_eval_results` can rewrite it after a separate evaluation run without touching
+the rest. Tokens never reach the card: only the values passed in are written.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_tuning.io import atomic_write_text
+from hf_tuning.llm.chat_templates import describe_training_template
 from hf_tuning.records import StageRecord
 from hf_tuning.stages import StagePlan
 
@@ -55,9 +57,16 @@ def render_model_card(
     license: str | None = None,
     tags: Sequence[str] = (),
     usage: str = "",
+    chat_template: str | None = None,
 ) -> str:
-    """The card of a finished staged run: its plan, what every stage did, results and how to load it."""
+    """The card of a finished staged run: its plan, what every stage did, results and how to load it.
+
+    ``chat_template`` is the name :func:`~hf_tuning.llm.chat_templates.apply_training_chat_template` returned;
+    without it, ``hyperparameters["chat_template"]`` is used when present. The card then says which training
+    template was used and how its text differs from the stock one.
+    """
     variant = stage_plan.variant
+    chat_template = chat_template or hyperparameters.get("chat_template")
     records = {record.index: record for record in stage_records}
     stages = [
         {
@@ -91,6 +100,7 @@ def render_model_card(
             "",
             dataset_description,
             "",
+            *([f"Chat template in training: {describe_training_template(chat_template)}", ""] if chat_template else []),
             "## Stages",
             "",
             "| stage | trains | trainable parameters | steps | final train loss |",
@@ -115,7 +125,9 @@ def render_model_card(
             "",
         ]
     )
-    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + body).content
+    # The body goes in as a value, not as template text: it may hold Jinja syntax ("{% generation %}").
+    template = "---\n{{ card_data }}\n---\n\n{{ card_body }}"
+    return ModelCard.from_template(data, template_str=template, card_body=body.removesuffix("\n")).content
 
 
 def write_model_card(output_dir: str | os.PathLike, **kwargs: Any) -> Path:

@@ -56,7 +56,7 @@ from benchmarks.harness import (
 from tests.helpers import REPO_ROOT
 from tests.helpers.scripts import load_benchmark
 
-BENCHMARKS = ("bench_engine", "bench_sft", "bench_vision", "bench_dit")
+BENCHMARKS = ("bench_engine", "bench_sft", "bench_vision", "bench_dit", "bench_engine_switch")
 MACHINE = {
     "cpu": "Test CPU",
     "cores_usable": 2,

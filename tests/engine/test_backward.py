@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from hf_tuning.backward import BackwardStopper
 from hf_tuning.families import find_block_stack
 from hf_tuning.stages import build_stage_plan
-from tests.helpers.tiny import lm_dataset, tiny_llama
+from tests.helpers.tiny import lm_dataset, tiny_llama, tiny_opt
 
 
 def lora_llama(checkpointing: str | None):
@@ -53,3 +53,15 @@ def test_truncated_backward_gives_the_same_gradients_to_the_active_parameters(ch
     assert reached[-1] is False  # the truncated pass built no graph through the frozen bottom block
     if checkpointing:
         assert reached[0] is True  # the input-require-grads hook would have made the full pass build one
+
+
+def test_backward_stops_above_a_module_registered_before_the_blocks_that_runs_after_them():
+    """OPT's final_layer_norm (trained in every stage) is registered before the layers: by registration order
+    it would look like an embedding, and backward would always run to the input."""
+    model = tiny_opt()
+    plan = build_stage_plan(model, "dt1")
+    stopper = BackwardStopper(
+        model, [p for p, _, _ in find_block_stack(model).blocks], plan.partition.runs_before_blocks
+    )
+    assert [stopper.apply(set(stage.params)) for stage in plan.stages] == [-1, 1, 2, 3]  # G0 trains the embeddings
+    stopper.restore()

@@ -15,7 +15,7 @@ from hf_tuning import (
     partition_subspaces,
     register_block_family,
 )
-from tests.helpers.tiny import tiny_llama
+from tests.helpers.tiny import tiny_llama, tiny_opt
 
 
 def layers_of(names):
@@ -174,3 +174,34 @@ def test_zero3_style_partitioned_params_report_real_size():
     weight.data = torch.empty(0)
     part = partition_subspaces(model, "adjacent", 2)
     assert part.param_numel["model.layers.0.mlp.up_proj.weight"] == 32 * 64
+
+
+@pytest.mark.parametrize("project", [False, True], ids=["final-norm", "projections"])
+def test_output_side_is_where_a_module_runs_not_where_it_is_registered(project):
+    """OPT registers final_layer_norm / project_out (and project_in) before its layers: the first two run after
+    the blocks and belong to every stage, project_in runs before them and belongs to the first group."""
+    model = tiny_opt(project)
+    registered = [name for name, _ in model.named_parameters()]
+    first_block = min(i for i, name in enumerate(registered) if ".layers." in name)
+    late = [n for n in registered[:first_block] if "final_layer_norm" in n or "project_out" in n]
+    assert late  # registered before the blocks
+    part = partition_subspaces(model, "adjacent")
+    assert set(late) <= set(part.always_trainable)
+    assert not set(late) & set(part.groups[0].params)
+    assert "model.decoder.embed_positions.weight" in part.groups[0].params
+    if project:
+        assert {"model.decoder.project_in.weight"} <= set(part.groups[0].params)
+
+
+def test_frozen_and_always_trainable_reach_a_head_tied_to_the_embeddings():
+    model = tiny_llama(layers=4)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    names = [name for name, _ in model.named_parameters()]
+    assert "lm_head.weight" not in names  # the shared tensor is listed once, as the embeddings
+    frozen = partition_subspaces(model, "adjacent", frozen=["lm_head"])
+    assert frozen.frozen == ("model.embed_tokens.weight",)
+    always = partition_subspaces(model, "adjacent", always_trainable=[r"^lm_head\."])
+    assert always.always_trainable == ("model.embed_tokens.weight",)  # not only in the first group
+    assert "model.embed_tokens.weight" not in always.groups[0].params

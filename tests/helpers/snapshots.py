@@ -18,12 +18,15 @@ def load_snapshots(snap_dir: Path, rank: int, stage: int) -> tuple[dict, dict]:
 def check_staged_run(output_dir: Path, snap_dir: Path, world_size: int) -> dict:
     """Assert the invariants of a staged run; returns world.json for further checks.
 
-    Within every stage: parameters outside the stage are bit-identical at its start and end, every
+    At every stage switch the previous stage's optimizer is released before the next one is built. Within
+    every stage: parameters outside the stage are bit-identical at its start and end, every
     parameter of the stage changed, the always-trainable ones change in every stage. Across stages:
     each stage starts where the previous one ended. Across ranks: identical parameters.
     """
     info = json.loads((output_dir / "world.json").read_text())
     assert info["world_size"] == world_size, info
+    # no stage switch held two optimizers: the previous one was gone when the next was built
+    assert not any(info["previous_optimizer_alive_at_creation"]), info["previous_optimizer_alive_at_creation"]
     stages = info["stages"]
     always = set(info["always"])
     previous_end = None

@@ -1,15 +1,18 @@
 """A tiny staged run for any launcher (python, accelerate launch, DeepSpeed).
 
 Every rank dumps the parameters at the start and end of every stage, gathered under ZeRO-3,
-into --snapshots, plus world.json (world size, distributed type), so the tests can check what
-each stage changed and that the replicas agree.
+into --snapshots, plus world.json (world size, distributed type, and whether the previous stage's
+optimizer was still alive when each stage built its own), so the tests can check what each stage
+changed, that the replicas agree, and that stage switches do not hold two optimizers.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -47,6 +50,30 @@ class SnapshotCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._dump(model, "end")
+
+
+class ReleaseProbe(TrainerCallback):
+    """Records, each time a stage builds its optimizer, whether the previous stage's optimizer (the accelerate
+    wrapper and the optimizer inside it, DeepSpeed's ZeRO optimizer with its fp32 state under DeepSpeed) is
+    still alive."""
+
+    def __init__(self) -> None:
+        self.previous: list[weakref.ref] = []
+        self.alive_at_creation: list[bool] = []
+
+    def watch(self, trainer: StagedTrainer) -> None:
+        create = trainer.create_optimizer
+
+        def create_checked(*args, **kwargs):
+            gc.collect()
+            self.alive_at_creation.append(any(ref() is not None for ref in self.previous))
+            return create(*args, **kwargs)
+
+        trainer.create_optimizer = create_checked  # DeepSpeed's setup calls it too, before building its engine
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", None)
+        self.previous = [weakref.ref(o) for o in (optimizer, inner) if o is not None]
 
 
 class SimulatedCrash(RuntimeError):
@@ -127,6 +154,9 @@ def run(
     for callback in callbacks:
         callback.trainer = trainer
         trainer.add_callback(callback)
+    release = ReleaseProbe()
+    release.watch(trainer)
+    trainer.add_callback(release)
     trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(os.path.join(output, "final"))
     if trainer.args.process_index == 0:
@@ -136,6 +166,7 @@ def run(
             "distributed_type": str(trainer.accelerator.distributed_type),
             "stages": [list(s.params) for s in trainer.stage_plan.stages],
             "always": list(trainer.stage_plan.partition.always_trainable),
+            "previous_optimizer_alive_at_creation": release.alive_at_creation,
         }
         Path(output, "world.json").write_text(json.dumps(info))
     return trainer

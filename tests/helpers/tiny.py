@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 WORDS = (
     "the a tractor plough seed drill sprayer nozzle boom pressure litre hectare harvest combine header "
@@ -62,3 +62,15 @@ def text_dataset(rows: int = 64, words: int = 12, seed: int = 0) -> Dataset:
         picks = torch.randint(0, len(WORDS), (4,), generator=generator).tolist()
         data.append({"text": " ".join(WORDS[i] for i in (picks * 4)[:words])})
     return Dataset.from_list(data)
+
+
+def tiny_opt(project: bool = False) -> OPTForCausalLM:
+    """OPT registers final_layer_norm (``project=False``) or project_in/project_out (``project=True``) before its
+    layers; the head is untied, so only the embeddings run before the blocks."""
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=4, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=16 if project else 32, do_layer_norm_before=not project,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return OPTForCausalLM(config)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import logging
+import time
+from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from hf_tuning.llm.chat_templates import (
     ChatTemplateError,
     apply_training_chat_template,
+    compare_with_stock,
     detect_template_name,
     end_of_turn_token,
+    stock_default_system_message,
 )
 from tests.helpers.llama3_tokenizer import llama3_tokenizer
 from tests.helpers.real_models import requires_smollm2, smollm2_tokenizer
@@ -68,8 +75,9 @@ def _check_mask(tokenizer, name: str, messages: list[dict]) -> None:
     eot_positions = [i for i, t in enumerate(encoded["input_ids"]) if t == eot_id]
     # Every assistant turn's end token is learned; user/system turns' end tokens are not.
     roles = [m["role"] for m in messages]
-    if name == "llama3.1" and roles[0] != "system":
-        roles.insert(0, "system")  # Llama 3.1 always opens with a system turn
+    text = tokenizer.apply_chat_template(messages, tokenize=False).removeprefix("<|begin_of_text|>")
+    if roles[0] != "system" and text.startswith(("<|start_header_id|>system", "<|im_start|>system")):
+        roles.insert(0, "system")  # Llama 3.1 always opens with a system turn; SmolLM2 adds a default one
     assert [encoded["assistant_masks"][i] for i in eot_positions] == [int(role == "assistant") for role in roles]
 
 
@@ -195,3 +203,186 @@ def test_trl_builds_the_same_mask(tmp_path):
     expected_ids, expected_mask = _expected_mask(tokenizer, CONVERSATION, "<|im_end|>")
     assert row["input_ids"] == expected_ids
     assert row["labels"] == [t if m else -100 for t, m in zip(expected_ids, expected_mask)]
+
+
+# ------------------------------------------------------------------------- the same text as the stock templates
+
+NO_SYSTEM = CONVERSATION[1:]
+LOGGER = "hf_tuning.llm.chat_templates"
+QWEN25_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+# Quotes, Jinja delimiters, a backslash, a newline and non-ASCII text: written into our template as a literal.
+TRICKY_DEFAULT = 'Say "hi" {{ x }} %} back\\slash\nline two, é, 😀'
+PLAIN_CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TRICKY_CHATML = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n' + " + repr(TRICKY_DEFAULT) + " + '<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _trl_stock_template(name: str) -> str:
+    """A stock chat template as the installed TRL ships it (byte copies it keeps to recognise models)."""
+    spec = importlib.util.find_spec("trl")
+    path = Path(spec.origin).parent / "chat_templates" / f"{name}.jinja" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        pytest.skip(f"the installed TRL has no copy of the stock {name} chat template")
+    return path.read_text(encoding="utf-8")
+
+
+def _renderings(tokenizer, conversations=None, **kwargs) -> list[str]:
+    """Conversations with and without a system message, as training text and, ending with a user turn,
+    as generation prompts."""
+    texts = []
+    for messages in conversations or (CONVERSATION, CONVERSATION[:2], NO_SYSTEM, NO_SYSTEM[:1], NO_SYSTEM[:2]):
+        for prompt in (False, True) if messages[-1]["role"] == "user" else (False,):
+            texts.append(
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt, **kwargs)
+            )
+    return texts
+
+
+@requires_smollm2
+def test_chatml_adds_the_stock_smollm2_default_system_turn(caplog):
+    stock = smollm2_tokenizer()
+    trained = smollm2_tokenizer()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        apply_training_chat_template(trained, "chatml")
+    assert not caplog.records  # nothing differs from the stock template, so nothing to warn about
+    assert _renderings(trained) == _renderings(stock)
+    assert trained.apply_chat_template(NO_SYSTEM[:1], tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHow often should I grease the PTO shaft?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert trained.apply_chat_template(CONVERSATION[:2], tokenize=False) == (
+        "<|im_start|>system\nYou advise farmers on machinery.<|im_end|>\n"
+        "<|im_start|>user\nHow often should I grease the PTO shaft?<|im_end|>\n"
+    )
+    # Opting out at render time, and the default turn is never learned.
+    opted_out = trained.apply_chat_template(NO_SYSTEM[:1], tokenize=False, default_system_message="")
+    assert opted_out == "<|im_start|>user\nHow often should I grease the PTO shaft?<|im_end|>\n"
+    _check_mask(smollm2_tokenizer(), "chatml", NO_SYSTEM)
+
+
+@requires_smollm2
+@pytest.mark.parametrize(
+    ("stock_name", "default"),
+    [("qwen2_5", QWEN25_DEFAULT), ("tricky", TRICKY_DEFAULT), ("plain", "")],
+    ids=["qwen2_5", "tricky", "plain"],
+)
+def test_chatml_keeps_each_models_own_default_system_turn_also_once_saved(tmp_path, stock_name, default):
+    stock = smollm2_tokenizer()
+    stock.chat_template = {"tricky": TRICKY_CHATML, "plain": PLAIN_CHATML}.get(stock_name) or _trl_stock_template(
+        stock_name
+    )
+    assert stock_default_system_message(stock) == default
+    trained = copy.deepcopy(stock)
+    apply_training_chat_template(trained, "chatml")
+    assert _renderings(trained) == _renderings(stock)
+    first = trained.apply_chat_template(NO_SYSTEM[:1], tokenize=False)
+    assert first.startswith(f"<|im_start|>system\n{default}<|im_end|>\n" if default else "<|im_start|>user\n")
+    trained.save_pretrained(tmp_path)  # what the recipe saves beside the adapter, for inference
+    assert _renderings(AutoTokenizer.from_pretrained(tmp_path)) == _renderings(stock)
+    reapplied = copy.deepcopy(trained)  # applying it again to the saved template keeps the default
+    apply_training_chat_template(reapplied, "chatml")
+    assert reapplied.chat_template == trained.chat_template
+
+
+@pytest.mark.parametrize(
+    ("messages", "prompt", "expected"),
+    [
+        pytest.param(
+            CONVERSATION[:3],
+            False,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+            "You advise farmers on machinery.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHow often should I grease the PTO shaft?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            "Every 8 to 10 hours of use, or as the operator's manual says.<|eot_id|>",
+            id="system",
+        ),
+        pytest.param(
+            CONVERSATION[1:3],
+            False,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHow often should I grease the PTO shaft?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            "Every 8 to 10 hours of use, or as the operator's manual says.<|eot_id|>",
+            id="no-system",
+        ),
+        pytest.param(
+            [{"role": m["role"], "content": f"  {m['content']}\n"} for m in CONVERSATION],
+            False,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+            "You advise farmers on machinery.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHow often should I grease the PTO shaft?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            "Every 8 to 10 hours of use, or as the operator's manual says.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nAnd the cross journals?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            "Grease them at the same interval until clean grease shows at the seals.<|eot_id|>",
+            id="multi-turn-trimmed",
+        ),
+        pytest.param(
+            CONVERSATION[1:4],
+            True,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHow often should I grease the PTO shaft?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            "Every 8 to 10 hours of use, or as the operator's manual says.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nAnd the cross journals?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            id="generation-prompt",
+        ),
+    ],
+)
+def test_llama31_renders_the_documented_stock_layout(messages, prompt, expected):
+    """What the stock Llama-3.1-Instruct template is documented to render for conversations without tools:
+    BOS once, a system turn with the knowledge-cutoff and date lines (then the system message, if any), every
+    content trimmed, and the assistant header as the generation prompt."""
+    tokenizer = llama3()
+    apply_training_chat_template(tokenizer, "llama3.1")
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == expected
+
+
+@pytest.mark.parametrize(("name", "stock_file"), [("llama3", "llama3"), ("llama3.1", "llama3_1")])
+def test_llama_templates_render_like_the_stock_templates(caplog, name, stock_file):
+    stock = llama3()
+    stock.chat_template = _trl_stock_template(stock_file)
+    trained = copy.deepcopy(stock)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert apply_training_chat_template(trained) == name  # auto: told apart by the stock template
+    assert not caplog.records and compare_with_stock(trained, stock.chat_template) is None
+    padded = [{"role": m["role"], "content": f"  {m['content']}\n"} for m in CONVERSATION]
+    conversations = (CONVERSATION, CONVERSATION[:2], NO_SYSTEM, NO_SYSTEM[:1], padded, padded[1:4])
+    assert _renderings(trained, conversations) == _renderings(stock, conversations)
+
+
+def test_llama32_date_line_is_the_one_difference_and_it_is_reported(caplog):
+    stock = llama3()
+    stock.chat_template = _trl_stock_template("llama3_2")
+    trained = copy.deepcopy(stock)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert apply_training_chat_template(trained) == "llama3.1"
+    today = time.strftime("%d %b %Y")  # what the stock Llama 3.2 template writes (strftime_now)
+    assert "does not render the same text" in caplog.text
+    assert f"Today Date: {today}" in caplog.text and "Today Date: 26 Jul 2024" in caplog.text
+    fixed = {"date_string": "26 Jul 2024"}
+    assert _renderings(trained, **fixed) == _renderings(stock, **fixed)
+
+
+@requires_smollm2
+def test_a_chatml_variant_that_renders_differently_is_reported(caplog):
+    tokenizer = smollm2_tokenizer()
+    tokenizer.chat_template = _trl_stock_template("qwen3")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        apply_training_chat_template(tokenizer, "chatml")
+    assert "does not render the same text" in caplog.text and "<think>" in caplog.text
+    assert compare_with_stock(tokenizer, "{{ raise_exception('no') }}") is None  # nothing to compare with

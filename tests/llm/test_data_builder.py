@@ -20,6 +20,7 @@ from datasets_builders.agrimachine import (
     AgriMachineDataArguments,
     build_agrimachine_dataset,
     push_dataset,
+    save_dataset,
 )
 from datasets_builders.instruction_formats import (
     BadRowsError,
@@ -208,6 +209,21 @@ BAD_ROWS = [
         ),
         "messages: no assistant reply",
     ),
+    # Image placeholders without images (this builder is text-only).
+    (
+        "messages",
+        roles(("system", "s"), ("user", "q"), ("assistant", "See the worn belt: <image>")),
+        "messages[2].content: an <image> placeholder but this text-only builder has no images to go with it",
+    ),
+    (
+        "sharegpt",
+        turns(("human", "Compare <image_1> and <image_2>"), ("gpt", "a")),
+        "conversations[0].value: an <image_1>",
+    ),
+    ("sharegpt", GOOD["sharegpt"] | {"system": "<|vision_start|>"}, "system: an <|vision_start|> placeholder"),
+    ("alpaca", {"instruction": "q", "input": "<|image|>", "output": "a"}, "input: an <|image|> placeholder"),
+    ("alpaca", {"instruction": "<image 1> what?", "output": "a"}, "instruction: an <image 1> placeholder"),
+    ("alpaca", {"instruction": "q", "output": "a", "history": [["<img>a.jpg</img>", "b"]]}, "history[0][0]: an <img>"),
 ]
 
 
@@ -353,6 +369,62 @@ def test_hub_ids_go_to_load_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataSourceNotFoundError, match="'org/agri' is neither a local file nor a reachable Hub"):
         build_instruction_dataset("org/agri")
+
+
+# --------------------------------------------------------------------------------- what a text-only build drops
+
+
+def belt_turns(question: str, answer: str = "The belt is worn.") -> list[dict]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def test_columns_nothing_reads_are_named_in_one_warning_and_in_the_report(tmp_path, caplog):
+    rows = [
+        {"id": "1", "category": "belts", "split": "train", "images": ["belt.jpg"], "source": "forum",
+         "conversations": belt_turns("Which belt is this?")},
+        {"id": "2", "images": [], "source": None, "score": 0.5, "conversations": belt_turns("And this one?")},
+        {"id": "3", "images": [], "note": "", "conversations": belt_turns("How tight?", "1.5 cm of deflection.")},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "mm.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="datasets_builders.instruction_formats"):
+        dataset, report = build(path)
+    assert report.dropped_columns == ["images", "source", "score"]  # "note" holds nothing, so nothing is lost
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and f"{path}: the column(s) images, source, score are dropped" in warnings[0]
+    assert "reads only the sharegpt columns (conversations, system), id, category and split" in warnings[0]
+    assert report.summary().endswith("; unused columns dropped: images, source, score")
+    assert dataset["train"].column_names == ["messages", "id", "category"]
+    saved = save_dataset(dataset, tmp_path / "out", report)
+    assert json.loads((saved / "build_report.json").read_text())["dropped_columns"] == ["images", "source", "score"]
+
+    csv_path = tmp_path / "a.csv"  # every CSV row has every column: empty cells drop nothing
+    csv_path.write_text("instruction,output,notes,id\nq1,a1,,1\nq2,a2,,2\n", encoding="utf-8")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datasets_builders.instruction_formats"):
+        _, clean = build(csv_path)
+    assert clean.dropped_columns == [] and "unused columns" not in clean.summary() and not caplog.records
+
+
+def test_image_placeholders_are_bad_rows_that_name_the_unread_images_column(tmp_path):
+    rows = [
+        {"id": "1", "images": ["belt.jpg"], "conversations": belt_turns("What is wrong here?\n<image>")},
+        {"id": "2", "conversations": belt_turns("How tight should a V-belt be?", "About 1.5 cm of deflection.")},
+        {"id": "3", "image": "", "conversations": belt_turns("<image>\nAnd here?")},
+    ]
+    path = write_jsonl(tmp_path / "mm.jsonl", rows)
+    with pytest.raises(BadRowsError) as raised:
+        build(path)
+    problem = "an <image> placeholder but this text-only builder has no images to go with it"
+    assert raised.value.problems == [
+        f"{path}:1: conversations[0].value: {problem} (the row's 'images' column is not read)",
+        f"{path}:3: conversations[0].value: {problem}",
+    ]
+    dataset, report = build(path, on_bad_rows="skip")
+    assert dataset["train"]["id"] == ["2"] and report.skip_reasons == {"image placeholder": 2}
+    assert "2 skipped (image placeholder: 2)" in report.summary()
+    # Text that only looks like markup is not a placeholder.
+    fine = write_jsonl(tmp_path / "fine.jsonl", [{"instruction": 'Is <img src="a.png"> valid HTML?', "output": "Yes."}])
+    assert build(fine)[1].rows_kept == 1
 
 
 # ----------------------------------------------------------------------------------- prompts and history

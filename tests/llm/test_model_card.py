@@ -74,3 +74,37 @@ def test_results_can_be_added_twice_to_a_card_we_did_not_write(tmp_path):
         "ROUGE-L": 20.0,
     }
     assert "| ROUGE-L | 20.0000 |" in card.read_text()
+
+
+def test_the_card_names_the_training_chat_template_and_how_it_differs_from_the_stock_one(tmp_path):
+    plan = build_stage_plan(tiny_llama(layers=4), "dt3")
+    common = dict(model_name="agri", base_model="me/base", stage_plan=plan, stage_records=[], dt_budget="per_stage")
+
+    def template_line(folder, **kwargs) -> str | None:
+        text = write_model_card(tmp_path / folder, **common, **kwargs).read_text()
+        return next((line for line in text.splitlines() if line.startswith("Chat template in training:")), None)
+
+    # The recipe passes the template's name among the hyperparameters.
+    line = template_line("llama", hyperparameters={"chat_template": "llama3.1"})
+    assert line is not None and "`llama3.1`" in line and "`{% generation %}` markers" in line
+    assert "fixed at 'Today Date: 26 Jul 2024'" in line and "Llama 3.2 template writes the current date" in line
+    line = template_line("chatml", hyperparameters={}, chat_template="chatml")
+    assert "default system turn" in line
+    assert template_line("none", hyperparameters={"learning_rate": 1e-4}) is None
+
+
+def test_card_text_is_written_as_given_not_read_as_a_template(tmp_path):
+    description = "Rows with {{ braces }} and {% raw %} stay as written."
+    plan = build_stage_plan(tiny_llama(layers=4), "dt3")
+    path = write_model_card(
+        tmp_path / "braces",
+        model_name="agri",
+        base_model="me/base",
+        stage_plan=plan,
+        stage_records=[],
+        dt_budget="per_stage",
+        hyperparameters={},
+        dataset_description=description,
+    )
+    text = path.read_text()
+    assert description in text and header(path)["base_model"] == "me/base"

@@ -7,10 +7,16 @@ its end-of-turn token, so the model learns to stop.
 
 Templates: ``llama3`` (Llama 3), ``llama3.1`` (Llama 3.1/3.2/3.3 Instruct: system turn with the
 knowledge-cutoff and date lines) and ``chatml`` (SmolLM2, Qwen). A ``.jinja`` file path also works.
+
+Where the text differs from a stock template, :data:`TrainingTemplate.differences` says how (the model
+card repeats it), and :func:`apply_training_chat_template` logs the first difference it finds between the
+tokenizer's own template and the training one. ``docs/chat_templates.md`` has the details.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +29,46 @@ __all__ = [
     "ChatTemplateError",
     "TrainingTemplate",
     "apply_training_chat_template",
+    "compare_with_stock",
+    "describe_training_template",
     "detect_template_name",
     "has_generation_markers",
     "load_training_template",
+    "stock_default_system_message",
     "stop_token_ids",
 ]
+
+logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
 _GENERATION_START = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _GENERATION_END = re.compile(r"\{%-?\s*endgeneration\s*-?%\}")
+# The line of chatml.jinja that load_training_template rewrites with the model's own default system text.
+_DEFAULT_SYSTEM_SLOT = "{%- set default_system_message = '' -%}"
+_PROBE_TEXT = "hf_tuning chat template probe"
+# Conversations without tools on which a training template must render what the stock template renders.
+_PROBES = (
+    (
+        "a conversation with a system message",
+        [
+            {"role": "system", "content": "You advise farmers."},
+            {"role": "user", "content": "When do I change the oil?"},
+            {"role": "assistant", "content": "Every 250 hours."},
+            {"role": "user", "content": "And the filter?"},
+            {"role": "assistant", "content": "At every oil change."},
+        ],
+        False,
+    ),
+    (
+        "a conversation without a system message",
+        [
+            {"role": "user", "content": "When do I change the oil?"},
+            {"role": "assistant", "content": "Every 250 hours."},
+        ],
+        False,
+    ),
+    ("a generation prompt without a system message", [{"role": "user", "content": "When do I change the oil?"}], True),
+)
 
 
 class ChatTemplateError(ValueError):
@@ -44,6 +81,7 @@ class TrainingTemplate:
     file: str
     special_tokens: tuple[str, ...]  # must each be one token in the vocabulary
     end_of_turn: str
+    differences: str  # how its text differs from the stock template it stands for (model card, docs)
 
     def source(self) -> str:
         return (_HERE / self.file).read_text(encoding="utf-8")
@@ -55,14 +93,26 @@ TEMPLATES: dict[str, TrainingTemplate] = {
         "llama3.jinja",
         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         "<|eot_id|>",
+        "renders the same text as the stock Llama 3 template",
     ),
     "llama3.1": TrainingTemplate(
         "llama3.1",
         "llama3_1.jinja",
         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         "<|eot_id|>",
+        "renders the same text as the stock Llama 3.1 template for conversations without tools; the date line is "
+        "fixed at 'Today Date: 26 Jul 2024' (the stock Llama 3.1 default), where the stock Llama 3.2 template "
+        "writes the current date",
     ),
-    "chatml": TrainingTemplate("chatml", "chatml.jinja", ("<|im_start|>", "<|im_end|>"), "<|im_end|>"),
+    "chatml": TrainingTemplate(
+        "chatml",
+        "chatml.jinja",
+        ("<|im_start|>", "<|im_end|>"),
+        "<|im_end|>",
+        "renders the same text as the model's stock ChatML template (SmolLM2, Qwen2.5) for conversations without "
+        "tools, including the default system turn that template adds when a conversation has none; Qwen3's "
+        "<think> blocks are not rendered",
+    ),
 }
 
 
@@ -70,6 +120,19 @@ def has_generation_markers(template: Any) -> bool:
     """Whether a Jinja chat template wraps assistant replies in ``{% generation %}`` ... ``{% endgeneration %}``
     (the markers TRL's ``assistant_only_loss`` and ``return_assistant_tokens_mask`` build the mask from)."""
     return isinstance(template, str) and bool(_GENERATION_START.search(template) and _GENERATION_END.search(template))
+
+
+def describe_training_template(name: str) -> str:
+    """One sentence for the model card: which training template was used and how its text differs from the
+    stock one (``name`` as :func:`apply_training_chat_template` returned it)."""
+    if name in TEMPLATES:
+        return (
+            f"`{name}`, hf_tuning's copy of the stock chat format with `{{% generation %}}` markers for the "
+            f"assistant-only loss; it {TEMPLATES[name].differences}. Tool calls are not supported."
+        )
+    if name == "tokenizer":
+        return "the tokenizer's own template, used unchanged (it already had `{% generation %}` markers)."
+    return f"the custom template `{name}`; compare it with the base model's own template before serving."
 
 
 def detect_template_name(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -97,9 +160,12 @@ def load_training_template(name: str, tokenizer: PreTrainedTokenizerBase | None 
         name = detect_template_name(tokenizer)
     if name in TEMPLATES:
         template = TEMPLATES[name]
+        source = template.source()
         if tokenizer is not None:
             _check_special_tokens(tokenizer, template)
-        return name, template.source()
+            if name == "chatml":
+                source = _with_default_system_message(source, stock_default_system_message(tokenizer))
+        return name, source
     path = Path(name)
     if path.suffix == ".jinja" or path.exists():
         if not path.is_file():
@@ -120,12 +186,27 @@ def load_training_template(name: str, tokenizer: PreTrainedTokenizerBase | None 
 def apply_training_chat_template(tokenizer: PreTrainedTokenizerBase, name: str | None = None) -> str:
     """Set ``tokenizer.chat_template`` to the training template; returns the template's name.
 
+    For ``chatml`` the default system turn of the tokenizer's own template (if it adds one) is written into
+    the training template, so the tokenizer saved after training renders it too. When the training template
+    renders a conversation without tools differently from the tokenizer's own template (Llama 3.2's current
+    date, a ChatML variant with reasoning blocks), a warning shows the first difference.
+
     Also gives the tokenizer a pad token when it has none (Llama 3.1's reserved
     ``<|finetune_right_pad_id|>`` where present, else the end-of-turn token), because batched
     generation and padding-based collation need one.
     """
+    stock = tokenizer.chat_template
     resolved, source = load_training_template(name or "auto", tokenizer)
     tokenizer.chat_template = source
+    if resolved in TEMPLATES and isinstance(stock, str) and stock != source:
+        difference = compare_with_stock(tokenizer, stock)
+        if difference is not None:
+            logger.warning(
+                "The %s training chat template does not render the same text as the tokenizer's own template "
+                "(the tokenizer saved with the model carries the training one; see docs/chat_templates.md): %s",
+                resolved,
+                difference,
+            )
     if tokenizer.pad_token is None:
         vocab = tokenizer.get_vocab()
         tokenizer.pad_token = (
@@ -134,6 +215,66 @@ def apply_training_chat_template(tokenizer: PreTrainedTokenizerBase, name: str |
             else end_of_turn_token(tokenizer, resolved)
         )
     return resolved
+
+
+def stock_default_system_message(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> str:
+    """The system text a ChatML template (the tokenizer's own by default) inserts when a conversation has no
+    system message: SmolLM2's and Qwen2.5's templates add one, plain ChatML adds none (``""``).
+
+    Found by rendering one user message with the template and reading what comes before it, so it is the
+    text the template really renders, whatever its Jinja looks like.
+    """
+    template = tokenizer.chat_template if template is None else template
+    if not isinstance(template, str):
+        return ""
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": _PROBE_TEXT}], tokenize=False, chat_template=template
+        )
+    except Exception as exc:  # any template may fail on any input; then there is no default to copy
+        logger.debug("could not render the tokenizer's chat template to find its default system turn: %s", exc)
+        return ""
+    head, found, _ = text.partition(f"<|im_start|>user\n{_PROBE_TEXT}<|im_end|>")
+    match = re.fullmatch(r"<\|im_start\|>system\n(.*)<\|im_end\|>\n", head, re.S) if found else None
+    return match.group(1) if match else ""
+
+
+def compare_with_stock(tokenizer: PreTrainedTokenizerBase, stock: str, template: str | None = None) -> str | None:
+    """Render a few conversations without tools with ``stock`` and with ``template`` (the tokenizer's current
+    template by default); describe the first difference, or return None when the texts are the same (or the
+    stock template cannot render them)."""
+    for label, messages, prompt in _PROBES:
+        try:
+            expected = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=prompt, chat_template=stock
+            )
+        except Exception as exc:  # a stock template we cannot render is not one we can compare with
+            logger.debug("could not render the tokenizer's own chat template for comparison: %s", exc)
+            return None
+        actual = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=prompt, chat_template=template
+        )
+        if actual != expected:
+            at = next((i for i, (a, b) in enumerate(zip(expected, actual)) if a != b), min(len(expected), len(actual)))
+            return (
+                f"for {label}, the stock template renders {_excerpt(expected, at)} where the training "
+                f"template renders {_excerpt(actual, at)}"
+            )
+    return None
+
+
+def _excerpt(text: str, at: int, width: int = 40) -> str:
+    start = max(0, at - width)
+    return ("..." if start else "") + repr(text[start : at + width]) + ("..." if at + width < len(text) else "")
+
+
+def _with_default_system_message(source: str, text: str) -> str:
+    """Write ``text`` into the chatml template as its default system message. A JSON string is also a Jinja
+    string literal; non-ASCII characters stay as they are (Jinja reads ``\\uXXXX`` surrogate pairs wrongly)."""
+    if _DEFAULT_SYSTEM_SLOT not in source:
+        raise RuntimeError("chatml.jinja has lost its default_system_message line")
+    literal = json.dumps(text, ensure_ascii=False)
+    return source.replace(_DEFAULT_SYSTEM_SLOT, "{%- set default_system_message = " + literal + " -%}", 1)
 
 
 def end_of_turn_token(tokenizer: PreTrainedTokenizerBase, name: str) -> str:
