@@ -166,7 +166,14 @@ def run_worker(s: SwitchSettings, argv: list[str], label: str, library: Path | N
     completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"{label} worker failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
-    return {"label": label, "rep": rep, **read_json(output)}
+    result = read_json(output)
+    # the worker says which hf_tuning it imported: check it is the one asked for, then name it portably
+    imported = Path(result.pop("library")).resolve()
+    expected = (library if library is not None else harness.ROOT).resolve() / "hf_tuning"
+    if imported != expected:
+        raise RuntimeError(f"the {label} worker imported {imported}, not {expected}")
+    result["library"] = "checkout" if library is None else f"commit {s.baseline_commit}"
+    return {"label": label, "rep": rep, **result}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

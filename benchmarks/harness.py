@@ -113,7 +113,10 @@ def comma_list(values: Iterable[str], allowed: Sequence[str], option: str) -> li
 def command_line(module: str, argv: list[str] | None = None) -> str:
     """How to repeat this run, stored with its results (``argv`` as given to ``main``, else ``sys.argv``)."""
     args = sys.argv[1:] if argv is None else argv
-    return " ".join(["HF_HUB_OFFLINE=1", shlex.quote(sys.executable), "-m", module, *map(shlex.quote, args)])
+    python = Path(sys.executable)
+    # the interpreter relative to the repository (.venv/bin/python), so results name no machine's paths
+    python_text = str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else "python"
+    return " ".join(["HF_HUB_OFFLINE=1", shlex.quote(python_text), "-m", module, *map(shlex.quote, args)])
 
 
 @contextlib.contextmanager

@@ -68,9 +68,9 @@ HELDOUT_SPLIT_VALUES = ("test", "heldout")
 # Image placeholders of common multimodal instruction data, by the data they come from:
 #   <image>, <image_1>, <image 1>   LLaVA, ShareGPT4V, LLaMA-Factory's multimodal sharegpt, MMMU
 #   <|image|>, <|image_1|>          Llama 3.2 Vision, Phi-3-vision
-#   <img>                           Qwen-VL (<img>path</img>), InternVL
+#   <img>path</img>                 Qwen-VL, InternVL (a bare <img> is left alone: HTML questions mention it)
 #   <|vision_start|>                Qwen2-VL / Qwen2.5-VL
-IMAGE_PLACEHOLDERS = re.compile(r"<image(?:[ _]?\d+)?>|<\|image(?:_\d+)?\|>|<img>|<\|vision_start\|>")
+IMAGE_PLACEHOLDERS = re.compile(r"<image(?:[ _]?\d+)?>|<\|image(?:_\d+)?\|>|<img>[^<]*</img>|<\|vision_start\|>")
 MAX_LISTED_PROBLEMS = 20
 MAX_LOGGED_LOCATIONS = 5
 

@@ -100,6 +100,11 @@ class StagedTuningArgumentsMixin:
             problems.append(f"dt_num_groups must be >= 1, got {self.dt_num_groups}")
         if self.dt_groups is not None and self.dt_num_groups not in (None, len(self.dt_groups)):
             problems.append(f"dt_num_groups={self.dt_num_groups} contradicts the {len(self.dt_groups)} dt_groups given")
+        if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            problems.append(
+                "FSDP is not supported yet: the engine re-wraps the model for every stage, which FSDP's flat "
+                "parameters do not allow; shard with DeepSpeed ZeRO-3 instead (accelerate_configs/deepspeed_zero3.yaml)"
+            )
         if problems:
             raise ValueError("invalid staged tuning arguments: " + "; ".join(problems))
         if self.dt_stage_init == "best":

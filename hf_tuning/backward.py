@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from hf_tuning.families import embedding_modules
+
 __all__ = ["BackwardStopper", "lowest_active_block", "uses_reentrant_checkpointing"]
 
 
@@ -80,7 +82,7 @@ class BackwardStopper:
         lowest = lowest_active_block(self.block_prefixes, active, names, self.before_blocks)
         if lowest == -1:
             return lowest  # trainable embeddings: backward must reach the input anyway
-        embeddings = _input_embeddings(self.model)
+        embeddings, _ = embedding_modules(self.model)
         if embeddings is not None:
             # Runs after every other forward hook on the embeddings (PEFT/TRL/transformers may
             # have installed several that set requires_grad on the output), and cuts the graph.
@@ -103,12 +105,3 @@ class BackwardStopper:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-def _input_embeddings(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        embeddings = getter() if callable(getter) else None
-    except (AttributeError, NotImplementedError):
-        return None
-    return embeddings if isinstance(embeddings, nn.Module) else None

@@ -31,8 +31,11 @@ CHUNK_BYTES = 1 << 30  # parameters gathered (and tensors read) at once: 1 GiB
 
 def saved_key(name: str, adapter_names: Sequence[str]) -> str:
     """Parameter name -> key in a saved PEFT adapter, which drops the adapter name wherever it stands
-    (``...lora_A.default.weight`` -> ``...lora_A.weight``, ``...lora_embedding_A.default`` -> ``...lora_embedding_A``)."""
+    (``...lora_A.default.weight`` -> ``...lora_A.weight``, ``...lora_embedding_A.default`` -> ``...lora_embedding_A``)
+    and saves a ``modules_to_save`` copy under its module's own name (``score.modules_to_save.default.weight`` ->
+    ``score.weight``)."""
     for adapter in adapter_names:
+        name = re.sub(rf"\.modules_to_save\.{re.escape(adapter)}(?=\.|$)", "", name)
         name = re.sub(rf"\.{re.escape(adapter)}(?=\.|$)", "", name)
     return name
 
@@ -77,12 +80,12 @@ def _saved_locations(checkpoint: Path, keys: dict[str, str]) -> dict[str, tuple[
 
 
 def restore_frozen_weights(
-    model: nn.Module, checkpoint: str | Path, names: set[str], *, max_bytes: int = CHUNK_BYTES
+    model: nn.Module, checkpoint: str | Path, names: set[str], *, max_bytes: int | None = None
 ) -> int:
     """Load ``names`` from ``checkpoint``'s saved weights into a (possibly ZeRO-3 partitioned) model.
 
-    Runs on every rank. Returns how many parameters were restored; raises, before changing anything, if
-    some are missing from the checkpoint.
+    Runs on every rank. ``max_bytes`` bounds what is gathered and read at once (default :data:`CHUNK_BYTES`).
+    Returns how many parameters were restored; raises, before changing anything, if some are missing.
     """
     if not names:
         return 0
@@ -93,9 +96,11 @@ def restore_frozen_weights(
     locations = _saved_locations(checkpoint, keys)
     missing = sorted(names - locations.keys())
     if missing:
+        searched = ", ".join(f.name for f in _weight_files(checkpoint) if f.is_file()) or "no safetensors file"
         raise ValueError(
             f"cannot resume the staged DeepSpeed run from {checkpoint}: the weights of {len(missing)} parameters "
-            f"trained by earlier stages are not saved there (e.g. {missing[:3]}). The DeepSpeed config needs "
+            f"trained by earlier stages are not saved there (searched {searched}; e.g. {missing[:3]} as "
+            f"{[keys[name] for name in missing[:3]]}). Under ZeRO-3 the DeepSpeed config needs "
             '"stage3_gather_16bit_weights_on_model_save": true (as in deepspeed_configs/zero3.json)'
         )
     params = [(n, p) for n, p in model.named_parameters() if n in names]
@@ -106,7 +111,7 @@ def restore_frozen_weights(
             file: files.enter_context(safe_open(str(file), framework="pt"))
             for file in {file for file, _ in locations.values()}
         }
-        for group in chunked(params, max_bytes):
+        for group in chunked(params, CHUNK_BYTES if max_bytes is None else max_bytes):
             gathered = contextlib.nullcontext()
             if partitioned:
                 import deepspeed

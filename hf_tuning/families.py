@@ -24,6 +24,7 @@ __all__ = [
     "BlockFamily",
     "BlockStack",
     "BlocksNotFoundError",
+    "embedding_modules",
     "find_block_stack",
     "register_block_family",
     "registered_block_families",
@@ -51,6 +52,11 @@ class BlockFamily:
             under ``adjacent`` it joins the previous stage's group.
         stem_in_every_stage: the input-side parameters (stem) are trained in every stage, as the
             paper does for ConvNeXt; otherwise they belong to the first ``adjacent`` group.
+        runs_after_blocks: regex of the module paths outside the blocks that run after them although
+            the model registers them before (OPT's ``final_layer_norm`` and ``project_out``). Which side
+            of the blocks a module runs on decides its membership; registration order is only the
+            default, and declaring the exceptions keeps the plan the same wherever it is computed
+            (on the meta device, under ZeRO-3), so its fingerprint is too.
         description: models known to use this layout.
     """
 
@@ -60,10 +66,15 @@ class BlockFamily:
     stage_blocks: str | None = None
     downsample_with_previous_stage: bool = False
     stem_in_every_stage: bool = False
+    runs_after_blocks: str | None = None
     description: str = ""
 
     def matches_path(self, path: str) -> bool:
         return re.search(rf"(?:^|\.){self.container}$", path) is not None
+
+    def runs_after(self, module_path: str) -> bool:
+        """Whether the module at ``module_path`` (outside the blocks) runs after them whatever its registration."""
+        return self.runs_after_blocks is not None and re.search(self.runs_after_blocks, module_path) is not None
 
     def matches_elements(self, stack: nn.Module) -> bool:
         children = list(stack.children())
@@ -108,6 +119,23 @@ def register_block_family(family: BlockFamily, *, first: bool = False) -> BlockF
 
 def registered_block_families() -> list[BlockFamily]:
     return list(_REGISTRY)
+
+
+def embedding_modules(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The model's input embeddings and output head (``get_input_embeddings`` / ``get_output_embeddings``), or
+    None where it has none or does not say."""
+
+    def get(getter_name: str) -> nn.Module | None:
+        from torch import nn
+
+        getter = getattr(model, getter_name, None)
+        try:
+            module = getter() if callable(getter) else None
+        except (AttributeError, NotImplementedError):
+            return None
+        return module if isinstance(module, nn.Module) else None
+
+    return get("get_input_embeddings"), get("get_output_embeddings")
 
 
 def _strip_prefix(path: str) -> str:

@@ -18,13 +18,12 @@ on a PEFT model the subspaces hold adapter parameters only, grouped by the block
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from hf_tuning.families import BlocksNotFoundError, BlockStack, find_block_stack
-from hf_tuning.forward_order import runs_after_blocks
+from hf_tuning.families import BlocksNotFoundError, BlockStack, embedding_modules, find_block_stack
 
 __all__ = [
     "SubspaceGroup",
@@ -142,7 +141,10 @@ def whole_model_partition(
     )
 
 
-def _pattern_matcher(model: nn.Module):
+Matcher = Callable[[Sequence[re.Pattern[str]], nn.Parameter], bool]
+
+
+def _pattern_matcher(model: nn.Module) -> Matcher:
     """``matches(patterns, param)``: whether any pattern finds any name of ``param``. A parameter shared by
     several modules (a head tied to the input embeddings) answers to every name it has, so ``lm_head`` in
     ``dt_frozen`` or ``dt_always_trainable`` reaches a tied head listed as ``embed_tokens``."""
@@ -158,12 +160,8 @@ def _pattern_matcher(model: nn.Module):
 
 def _output_side_ids(model: nn.Module) -> set[int]:
     """ids of the output head's parameters (catches heads tied to the input embeddings)."""
-    getter = getattr(model, "get_output_embeddings", None)
-    try:
-        head = getter() if callable(getter) else None
-    except (AttributeError, NotImplementedError):
-        head = None
-    return {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    _, head = embedding_modules(model)
+    return {id(p) for p in head.parameters()} if head is not None else set()
 
 
 def _contiguous_split(count: int, parts: int) -> list[range]:
@@ -237,16 +235,16 @@ def partition_subspaces(
 
     if scheme == "regex":
         try:
-            block_prefixes = tuple(prefix for prefix, _, _ in find_block_stack(model).blocks)
+            stack: BlockStack | None = find_block_stack(model)
         except BlocksNotFoundError:
-            block_prefixes = ()
-        return _partition_by_regex(named, candidates, numel, groups, is_frozen, is_always, block_prefixes)
+            stack = None
+        return _partition_by_regex(named, candidates, numel, groups, is_frozen, is_always, stack)
 
     stack = find_block_stack(model)
     position = {name: i for i, (name, _) in enumerate(named)}
     block_positions = [position[n] for n, _ in named if any(n.startswith(b) for b, _, _ in stack.blocks)]
     first_block, last_block = min(block_positions), max(block_positions)
-    late = _registered_early_but_run_late(model, stack, named, position, first_block)
+    late = _runs_after_but_registered_before(stack, named, position, first_block)
 
     def locate(name: str) -> tuple[int, int] | int | None:
         for prefix, stage, index in stack.blocks:
@@ -308,35 +306,14 @@ def partition_subspaces(
     )
 
 
-def _registered_early_but_run_late(
-    model: nn.Module, stack: BlockStack, named: list[tuple[str, nn.Parameter]], position: dict[str, int], first: int
+def _runs_after_but_registered_before(
+    stack: BlockStack, named: list[tuple[str, nn.Parameter]], position: dict[str, int], first_block: int
 ) -> set[str]:
-    """Parameters registered before the blocks that run after them (OPT's ``final_layer_norm``, ``project_out``).
-
-    Only modules registered before the blocks other than the input embeddings are in doubt; where there are
-    any, one forward pass on the model's dummy inputs says where they run (:mod:`hf_tuning.forward_order`)."""
-    prefixes = tuple(prefix for prefix, _, _ in stack.blocks) + tuple(stack.stage_prefixes)
-    embedding_ids = _input_embedding_ids(model)
-    doubtful = {
-        name: name.rpartition(".")[0]
-        for name, param in named
-        if position[name] < first and not name.startswith(prefixes) and id(param) not in embedding_ids
+    """Parameters registered before the blocks whose modules the family declares to run after them (OPT's
+    ``final_layer_norm`` and ``project_out``): they are output side, whatever the registration order says."""
+    return {
+        name for name, _ in named if position[name] < first_block and stack.family.runs_after(name.rpartition(".")[0])
     }
-    if not doubtful:
-        return set()
-    late = runs_after_blocks(model, [prefix for prefix, _, _ in stack.blocks], sorted(set(doubtful.values())))
-    if late is None:
-        return set()
-    return {name for name, module in doubtful.items() if late.get(module)}
-
-
-def _input_embedding_ids(model: nn.Module) -> set[int]:
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        embeddings = getter() if callable(getter) else None
-    except (AttributeError, NotImplementedError):
-        embeddings = None
-    return {id(p) for p in embeddings.parameters()} if isinstance(embeddings, nn.Module) else set()
 
 
 def _group_name(scheme: str, index: int, count: int) -> str:
@@ -390,14 +367,28 @@ def _assign_blocks(
 
 
 def _partition_by_regex(
-    named, candidates, numel, groups, is_frozen, is_always, block_prefixes: tuple[str, ...]
+    named: list[tuple[str, nn.Parameter]],
+    candidates: list[tuple[str, nn.Parameter]],
+    numel: dict[str, int],
+    groups: Sequence[str] | Mapping[str, str],
+    is_frozen: dict[str, bool],
+    is_always: Callable[[str, nn.Parameter, bool], bool],
+    stack: BlockStack | None,
 ) -> SubspacePartition:
     items = list(groups.items()) if isinstance(groups, Mapping) else [(f"R{i}", g) for i, g in enumerate(groups)]
     compiled = _compile([pattern for _, pattern in items], "groups")
     hits_of = {name: [i for i, pattern in enumerate(compiled) if pattern.search(name)] for name, _ in candidates}
-    # output side: after every parameter the groups matched and outside the blocks (head, final norm)
+    block_prefixes = tuple(prefix for prefix, _, _ in stack.blocks) if stack is not None else ()
+    # output side: outside the blocks and after every parameter the groups matched (head, final norm), or
+    # declared by the family to run after the blocks
     position = {name: i for i, (name, _) in enumerate(named)}
     last_grouped = max((position[n] for n, hits in hits_of.items() if hits), default=len(named))
+
+    def output_side(name: str) -> bool:
+        if name.startswith(block_prefixes):
+            return False
+        return position[name] > last_grouped or (stack is not None and stack.family.runs_after(name.rpartition(".")[0]))
+
     members: list[list[str]] = [[] for _ in items]
     always, excluded = [], []
     for name, param in candidates:
@@ -411,7 +402,7 @@ def _partition_by_regex(
             excluded.append(name)
         elif hits:
             members[hits[0]].append(name)
-        elif is_always(name, param, position[name] > last_grouped and not name.startswith(block_prefixes)):
+        elif is_always(name, param, output_side(name)):
             always.append(name)
         else:
             excluded.append(name)

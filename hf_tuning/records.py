@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hf_tuning.stages import StagePlan
 
 __all__ = ["StageRecord", "STAGES_FILE", "stage_report", "step_offset"]
 
@@ -33,6 +36,9 @@ class StageRecord:
         best_metric, metric_for_best_model, best_checkpoint: the stage's best evaluation, if any.
         runtime_s: wall time of the stage's ``train()`` phase.
         backward_stops_at_block: the lowest block backward reached (-1: down to the embeddings).
+        ends_with: the weights the stage hands to the next one: ``best`` (its best checkpoint, loaded under
+            ``dt_stage_init='best'``) or ``last`` (its final weights, also when ``best`` was asked for but the
+            stage never saved an evaluated checkpoint).
     """
 
     index: int
@@ -49,6 +55,7 @@ class StageRecord:
     best_checkpoint: str | None = None
     runtime_s: float = 0.0
     backward_stops_at_block: int | None = None
+    ends_with: str = "last"
 
     @property
     def end_step(self) -> int:
@@ -73,7 +80,7 @@ def step_offset(records: Sequence[StageRecord]) -> int:
 
 
 def stage_report(
-    plan: Any, settings: Mapping[str, Any], records: Sequence[StageRecord], *, complete: bool
+    plan: StagePlan, settings: Mapping[str, Any], records: Sequence[StageRecord], *, complete: bool
 ) -> dict[str, Any]:
     """The content of ``dt_stages.json``: the plan, the run's settings and the finished stages."""
     return {

@@ -18,16 +18,18 @@ W&B show one continuous curve.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from hf_tuning.arguments import StagedTuningArgumentsMixin
 from hf_tuning.backward import BackwardStopper
@@ -108,7 +110,7 @@ class StagedTrainerMixin:
             )
         if self.model_init is not None:
             raise ValueError(f"{type(self).__name__} does not support model_init; pass the model itself")
-        if self.is_fsdp_enabled or targs.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        if self.is_fsdp_enabled:  # the arguments refuse FSDP already; an accelerator set up for it is refused here
             raise ValueError(
                 f"{type(self).__name__} does not support FSDP yet: it re-wraps the model for every stage, which "
                 "FSDP's flat parameters do not allow. Launch with DeepSpeed ZeRO-3 instead "
@@ -201,7 +203,6 @@ class StagedTrainerMixin:
             config = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
             config.clear()
             config.update(copy.deepcopy(self._pristine_ds_config))
-        self.state = TrainerState()  # the finished stage's state; train() makes a fresh one anyway
         self.stage_callback.begin_stage(stage)
         logger.info(
             "dt stage %d/%d (%s): %s trainable parameters, groups %s",
@@ -274,6 +275,18 @@ class StagedTrainerMixin:
         if best is None and eval_losses:
             best, metric = min(eval_losses), "eval_loss"
         trained_now = self.state.global_step > self._initial_global_step  # else: resumed at its end
+        ends_with = "last"
+        if self.args.dt_stage_init == "best":
+            if self.state.best_model_checkpoint is not None:
+                ends_with = "best"
+            else:
+                logger.warning(
+                    "dt_stage_init='best' but stage %d (%s) saved no evaluated checkpoint: the next stage starts "
+                    "from its last weights (recorded in %s as ends_with='last')",
+                    stage.index,
+                    stage.name,
+                    STAGES_FILE,
+                )
         return StageRecord(
             index=stage.index,
             name=stage.name,
@@ -289,6 +302,7 @@ class StagedTrainerMixin:
             best_checkpoint=self.state.best_model_checkpoint,
             runtime_s=round(self.stage_callback.runtime_s, 3),
             backward_stops_at_block=self.stage_callback.lowest_block,
+            ends_with=ends_with,
         )
 
     def stage_report(self, complete: bool = True) -> dict[str, Any]:
@@ -378,7 +392,9 @@ class StagedTrainerMixin:
         needed = args.save_steps if save_strategy == "steps" else args.eval_steps
         if needed is None or needed < 1:
             return  # a fraction of each stage's own steps: always inside the stage
-        steps = [budget or self._total_steps() for budget in self._stage_budgets()]
+        budgets = self._stage_budgets()
+        total = self._total_steps() if None in budgets else 0
+        steps = [budget or total for budget in budgets]
         short = [(stage.index, n) for stage, n in zip(self.stage_plan.stages, steps, strict=True) if n < needed]
         if short:
             listed = ", ".join(f"stage {index} ({n} steps)" for index, n in short)
@@ -407,22 +423,20 @@ class StagedTrainerMixin:
         return os.path.join(run_dir, stage_dir_name(self._active_stage.index))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        if self.is_deepspeed_enabled and self._active_stage is not None:
-            # DeepSpeed saves PEFT weights with exclude_frozen_parameters=True: without this the
-            # checkpoint would hold only the current stage's adapters, not those of earlier stages
-            frozen = [p for n, p in self.model.named_parameters() if n in self._candidates and not p.requires_grad]
-            for param in frozen:
-                param.requires_grad_(True)
-            try:
+        if self._active_stage is None:
+            return super()._save_checkpoint(model, trial)
+        # The Trainer deletes older checkpoints at the end of its save (save_total_limit); here that waits
+        # until this checkpoint is complete, so a crash while saving always leaves a complete one behind.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            with self._frozen_parameters_saved():
                 super()._save_checkpoint(model, trial)
-            finally:
-                for param in frozen:
-                    param.requires_grad_(False)
-        else:
-            super()._save_checkpoint(model, trial)
-        if self._active_stage is None or not self.args.should_save:
+        finally:
+            self.args.save_total_limit = limit
+        if not self.args.should_save:
             return
-        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        run_dir = self._get_output_dir(trial)
+        folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._save_checkpoint_extras(folder)
         # written last: its presence marks the checkpoint complete (find_last_staged_checkpoint)
         atomic_write_json(
@@ -436,6 +450,27 @@ class StagedTrainerMixin:
                 "completed_log_history": self.stage_callback.log_history,
             },
         )
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
+
+    @contextlib.contextmanager
+    def _frozen_parameters_saved(self) -> Iterator[None]:
+        """DeepSpeed saves PEFT weights with ``exclude_frozen_parameters=True``: without this the checkpoint would
+        hold only the current stage's adapters, not those of earlier stages."""
+        frozen = []
+        if self.is_deepspeed_enabled:
+            frozen = [p for n, p in self.model.named_parameters() if n in self._candidates and not p.requires_grad]
+        for param in frozen:
+            param.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for param in frozen:
+                param.requires_grad_(False)
 
     def _save_checkpoint_extras(self, folder: Path) -> None:
         """What a subclass adds to a checkpoint (the DiT trainer's EMA); runs on the saving process before the
@@ -457,6 +492,13 @@ class StagedTrainerMixin:
             checkpoint = str(resume)
         state_path = Path(checkpoint) / STATE_FILE
         if not state_path.is_file():
+            folder = Path(checkpoint)
+            if _CHECKPOINT_DIR.match(folder.name) and _STAGE_DIR.match(folder.parent.name):
+                raise ValueError(
+                    f"{checkpoint} is incomplete: it was interrupted while being saved ({STATE_FILE}, written "
+                    "last, is missing). Pass resume_from_checkpoint=True to resume from the newest complete "
+                    f"checkpoint ({find_last_staged_checkpoint(folder.parent.parent) or 'there is none'})"
+                )
             raise ValueError(
                 f"{checkpoint} is not a checkpoint of a staged run: {STATE_FILE} is missing. Resume from "
                 f"{self.args.output_dir}/stage-K/checkpoint-N or pass resume_from_checkpoint=True"

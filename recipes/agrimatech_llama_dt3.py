@@ -28,7 +28,7 @@ from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrima
 from datasets_builders.instruction_formats import looks_like_hub_id
 from hf_tuning import StagedSFTConfig, StagedSFTTrainer
 from hf_tuning.hub import push_output_dir
-from hf_tuning.llm.chat_templates import apply_training_chat_template, stop_token_ids
+from hf_tuning.llm.chat_templates import apply_training_chat_template, compare_with_stock, stop_token_ids
 from hf_tuning.llm.loading import check_model_exists, kbit_device_map, load_causal_lm, load_tokenizer
 from hf_tuning.llm.model_card import write_model_card
 from hf_tuning.precision import torch_dtype_for
@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
     )
+    stock_template = tokenizer.chat_template
     template = apply_training_chat_template(tokenizer, recipe.chat_template)
+    # what the card says differs from the base model's own template (measured, not assumed)
+    template_difference = compare_with_stock(tokenizer, stock_template) if isinstance(stock_template, str) else None
     base_model_id = recipe.base_model_id or model_source.name
 
     # 2. The model; TRL adds the LoRA adapter from peft_config.
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stage_records=trainer.stage_records,
             dt_budget=training_args.dt_budget,
             hyperparameters=_hyperparameters(training_args, model_args, template),
+            chat_template=template,
+            chat_template_difference=template_difference,
             datasets=[data_args.resolved_source()] if _is_hub_dataset(data_args) else [],
             dataset_description=f"Training data: {report.summary()}",
             eval_results={k: metrics[k] for k in ("eval_loss", "perplexity") if k in metrics},

@@ -12,7 +12,9 @@ DECODER_LAYERS = register_block_family(
         name="decoder_layers",
         container="layers",
         block_class=r"DecoderLayer$",
-        description="LLaMA, Mistral, Qwen2/3, Gemma, Phi-3 and other `model.layers.N` decoders",
+        # OPT registers these two before its layers, though they run after them
+        runs_after_blocks=r"(?:^|\.)(?:final_layer_norm|project_out)$",
+        description="LLaMA, Mistral, Qwen2/3, Gemma, Phi-3, OPT and other `model.layers.N` decoders",
     )
 )
 BERT_ENCODER = register_block_family(

@@ -58,15 +58,16 @@ def render_model_card(
     tags: Sequence[str] = (),
     usage: str = "",
     chat_template: str | None = None,
+    chat_template_difference: str | None = None,
 ) -> str:
     """The card of a finished staged run: its plan, what every stage did, results and how to load it.
 
-    ``chat_template`` is the name :func:`~hf_tuning.llm.chat_templates.apply_training_chat_template` returned;
-    without it, ``hyperparameters["chat_template"]`` is used when present. The card then says which training
-    template was used and how its text differs from the stock one.
+    ``chat_template`` is the name :func:`~hf_tuning.llm.chat_templates.apply_training_chat_template` returned:
+    the card says which training template was used and how its text differs from the stock one, and
+    ``chat_template_difference`` (from :func:`~hf_tuning.llm.chat_templates.compare_with_stock`) what was
+    measured against the base model's own template.
     """
     variant = stage_plan.variant
-    chat_template = chat_template or hyperparameters.get("chat_template")
     records = {record.index: record for record in stage_records}
     stages = [
         {
@@ -101,6 +102,11 @@ def render_model_card(
             dataset_description,
             "",
             *([f"Chat template in training: {describe_training_template(chat_template)}", ""] if chat_template else []),
+            *(
+                [f"Compared with the base model's own template: {chat_template_difference}.", ""]
+                if chat_template_difference
+                else []
+            ),
             "## Stages",
             "",
             "| stage | trains | trainable parameters | steps | final train loss |",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
+from tests.helpers import REPO_ROOT
 from tests.helpers.scripts import load_benchmark
 
 bench = load_benchmark("bench_engine_switch")
@@ -32,5 +35,10 @@ def test_summary_pools_the_repetitions_and_compares_the_libraries():
 
 
 def test_the_baseline_library_is_extracted_from_git_without_touching_the_checkout(tmp_path):
+    def status() -> str:
+        return subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+
+    before = status()
     folder = bench.export_library("HEAD", tmp_path / "baseline")
     assert (folder / "hf_tuning" / "__init__.py").is_file() and (folder / "hf_tuning" / "trainer.py").is_file()
+    assert status() == before

@@ -14,6 +14,7 @@ def test_saved_keys_drop_the_adapter_name_wherever_it_stands():
     assert saved_key("m.q_proj.lora_A.default.weight", ["default"]) == "m.q_proj.lora_A.weight"
     assert saved_key("m.embed_tokens.lora_embedding_A.default", ["default"]) == "m.embed_tokens.lora_embedding_A"
     assert saved_key("m.default_head.weight", ["default"]) == "m.default_head.weight"  # only whole path parts
+    assert saved_key("m.score.modules_to_save.default.weight", ["default"]) == "m.score.weight"
 
 
 def test_chunks_stay_within_the_byte_limit():
@@ -23,7 +24,9 @@ def test_chunks_stay_within_the_byte_limit():
 
 
 def lora_with_embeddings():
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["norm"]
+    )
     return get_peft_model(tiny_llama(layers=2), config)
 
 
@@ -34,8 +37,9 @@ def test_restore_brings_back_every_adapter_parameter(tmp_path, max_bytes):
         for param in model.parameters():
             param.normal_()
     model.save_pretrained(tmp_path)
-    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert any(name.endswith("lora_embedding_A.default") for name in saved)  # a name that is not `...default.x`
+    assert any(".modules_to_save.default." in name for name in saved)  # saved under the module's own name
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in saved:

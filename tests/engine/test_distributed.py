@@ -68,7 +68,10 @@ def test_ddp_two_processes(tmp_path):
     printed = (tmp_path / "launch.log").read_text()
     assert printed.count("'dt/stage_begin'") == len(info["stages"]) == 4
     assert list(workdir.iterdir()) == []
-    assert len(list((out / "runs").iterdir())) == 1
+    (tb_run,) = (out / "runs").iterdir()
+    # event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: one writing process
+    pids = {path.name.split(".")[-2] for path in tb_run.glob("events.out.tfevents.*")}
+    assert len(pids) == 1, sorted(p.name for p in tb_run.iterdir())
 
 
 def test_deepspeed_zero2_full_finetuning(tmp_path):
@@ -125,7 +128,8 @@ def test_deepspeed_resume_mid_stage_is_exact_and_checkpoints_complete(tmp_path, 
     saved = load_file(str(checkpoint / "adapter_model.safetensors"))
     expected = load_file(str(reference / "final" / "adapter_model.safetensors"))
     assert saved.keys() == expected.keys()  # every stage's adapters, not just the active ones
-    resumed, _ = launch(tmp_path / "run", config, 2, *common, "--resume")
+    # restored a few parameters at a time: under ZeRO-3 that is many gather-and-broadcast rounds
+    resumed, _ = launch(tmp_path / "run", config, 2, *common, "--resume", "--restore-chunk-bytes", "4096")
     final = load_file(str(resumed / "final" / "adapter_model.safetensors"))
     for name, tensor in expected.items():
         assert (final[name] == tensor).all(), name

@@ -193,6 +193,20 @@ def test_output_side_is_where_a_module_runs_not_where_it_is_registered(project):
         assert {"model.decoder.project_in.weight"} <= set(part.groups[0].params)
 
 
+def test_the_output_side_is_the_same_wherever_the_plan_is_computed():
+    """Declared by the family, not probed: a skeleton on the meta device (hf-tuning plan, ZeRO-3) gets the same
+    plan, so the same fingerprint, as the real model; explicit regex groups keep the same output side."""
+    from hf_tuning import build_stage_plan
+
+    model = tiny_opt()
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    assert build_stage_plan(skeleton, "dt1").fingerprint == build_stage_plan(model, "dt1").fingerprint
+    regex = partition_subspaces(model, groups=[r"layers\.[01]\.", r"layers\.[23]\."])
+    assert "model.decoder.final_layer_norm.weight" in regex.always_trainable
+    assert "model.decoder.final_layer_norm.weight" not in regex.frozen
+
+
 def test_frozen_and_always_trainable_reach_a_head_tied_to_the_embeddings():
     model = tiny_llama(layers=4)
     model.config.tie_word_embeddings = True

@@ -106,6 +106,8 @@ def test_resume_skips_an_incomplete_newest_checkpoint(tmp_path):
     stage = tmp_path / "run" / "stage-1"
     (stage / "checkpoint-4" / STATE_FILE).unlink()
     assert find_last_staged_checkpoint(tmp_path / "run") == str(stage / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"incomplete.*newest complete checkpoint \(.*stage-1/checkpoint-2\)"):
+        run(str(tmp_path / "run"), "dt1", steps=4, save_steps=2, resume=str(stage / "checkpoint-4"))
     resumed = run(str(tmp_path / "run"), "dt1", steps=4, save_steps=2, resume=True)
     stage_1 = [e for e in resumed.stage_callback.log_history if "loss" in e and e["dt/stage"] == 1]
     assert [e["step"] for e in stage_1] == [5, 6, 7, 8]  # steps 7 and 8 retrained, 5 and 6 kept
@@ -193,12 +195,6 @@ def test_backward_stops_at_lowest_active_block(tmp_path, checkpointing):
             "gradient_checkpointing": True,
             "gradient_checkpointing_kwargs": {"use_reentrant": checkpointing == "reentrant"},
         }
-
-    class InputGradsLikeTRL(TrainerCallback):
-        """TRL/PEFT enable input-require-grads for checkpointing; the engine must neutralise it."""
-
-        def on_init_end(self, *args, **kwargs):
-            pass
 
     trainer = run(
         str(tmp_path / "out"), "dt1", lora=True, snapshots=str(tmp_path / "snap"), callbacks=(recorder,), **extra
@@ -295,6 +291,21 @@ def test_stage_init_best_restores_best_checkpoint(tmp_path):
     last = load_file(str(Path(best).parent / "checkpoint-4" / "model.safetensors"))
     assert any(not torch.equal(last[n].float(), stage1_begin[n]) for n in saved)
     assert trainer.args.load_best_model_at_end
+    assert [r["ends_with"] for r in records] == ["best", "best"]
+
+
+def test_a_stage_without_a_best_checkpoint_is_reported_not_hidden(tmp_path, caplog):
+    """Evaluation delayed past the stage (eval_delay): nothing to load, so the stage hands on its last weights,
+    says so in the log and records it."""
+    with caplog.at_level("WARNING", logger="hf_tuning.trainer"):
+        trainer = run(
+            str(tmp_path / "out"), "dt3", steps=2, dt_stage_init="best", eval_strategy="steps", eval_steps=1,
+            save_steps=1, save_strategy="steps", eval_delay=100,
+        )  # fmt: skip
+    assert [r.ends_with for r in trainer.stage_records] == ["last", "last"]
+    assert "saved no evaluated checkpoint" in caplog.text
+    records = json.loads((tmp_path / "out" / "dt_stages.json").read_text())["stage_records"]
+    assert [r["ends_with"] for r in records] == ["last", "last"]
 
 
 def test_split_budget_divides_the_steps(tmp_path):
@@ -399,8 +410,10 @@ def test_after_training_the_state_and_later_logs_use_the_global_step(tmp_path):
     assert trainer.state.log_history[-1]["step"] == 8 and "eval_loss" in metrics
 
 
-def test_fsdp_is_refused_before_training(tmp_path, monkeypatch):
-    args = StagedTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+def test_fsdp_is_refused_before_any_weights_load(monkeypatch):
+    """Refused by the arguments, which a recipe parses before it loads the model."""
+    with pytest.raises(ValueError, match="FSDP is not supported yet"):
+        StagedTrainingArguments(output_dir="unused", fsdp="full_shard", report_to=[], use_cpu=True)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
-    with pytest.raises(ValueError, match="does not support FSDP"):
-        StagedTrainer(model=tiny_llama(layers=4), args=args, train_dataset=lm_dataset(8))
+    with pytest.raises(ValueError, match="FSDP is not supported yet"):
+        StagedTrainingArguments(output_dir="unused", report_to=[], use_cpu=True)

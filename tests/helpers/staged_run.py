@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from hf_tuning import StagedTrainer, StagedTrainingArguments
+from hf_tuning import StagedTrainer, StagedTrainingArguments, deepspeed_resume
 from tests.helpers.tiny import lm_dataset, tiny_llama
 
 
@@ -100,7 +100,7 @@ def run(
     steps: int = 3,
     save_steps: int = 0,
     crash: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     weight_decay: float = 0.1,
     callbacks: tuple = (),
     **overrides,
@@ -157,7 +157,7 @@ def run(
     release = ReleaseProbe()
     release.watch(trainer)
     trainer.add_callback(release)
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=resume if isinstance(resume, str) else (True if resume else None))
     trainer.save_model(os.path.join(output, "final"))
     if trainer.args.process_index == 0:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -167,6 +167,7 @@ def run(
             "stages": [list(s.params) for s in trainer.stage_plan.stages],
             "always": list(trainer.stage_plan.partition.always_trainable),
             "previous_optimizer_alive_at_creation": release.alive_at_creation,
+            "stages_run": [record.index for record in trainer.stage_records if record.train_loss_mean is not None],
         }
         Path(output, "world.json").write_text(json.dumps(info))
     return trainer
@@ -185,7 +186,10 @@ def main() -> None:
     parser.add_argument("--report-to", nargs="*", default=[], help="logging integrations (default none)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--restore-chunk-bytes", type=int, default=None, help="see deepspeed_resume.CHUNK_BYTES")
     cli = parser.parse_args()
+    if cli.restore_chunk_bytes is not None:
+        deepspeed_resume.CHUNK_BYTES = cli.restore_chunk_bytes
     run(
         cli.output,
         cli.variant,

@@ -423,8 +423,14 @@ def test_image_placeholders_are_bad_rows_that_name_the_unread_images_column(tmp_
     assert dataset["train"]["id"] == ["2"] and report.skip_reasons == {"image placeholder": 2}
     assert "2 skipped (image placeholder: 2)" in report.summary()
     # Text that only looks like markup is not a placeholder.
-    fine = write_jsonl(tmp_path / "fine.jsonl", [{"instruction": 'Is <img src="a.png"> valid HTML?', "output": "Yes."}])
-    assert build(fine)[1].rows_kept == 1
+    fine = write_jsonl(
+        tmp_path / "fine.jsonl",
+        [
+            {"instruction": 'Is <img src="a.png"> valid HTML?', "output": "Yes."},
+            {"instruction": "What does the <img> tag do?", "output": "It embeds an image in a web page."},
+        ],
+    )
+    assert build(fine)[1].rows_kept == 2
 
 
 # ----------------------------------------------------------------------------------- prompts and history

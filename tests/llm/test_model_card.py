@@ -84,13 +84,18 @@ def test_the_card_names_the_training_chat_template_and_how_it_differs_from_the_s
         text = write_model_card(tmp_path / folder, **common, **kwargs).read_text()
         return next((line for line in text.splitlines() if line.startswith("Chat template in training:")), None)
 
-    # The recipe passes the template's name among the hyperparameters.
-    line = template_line("llama", hyperparameters={"chat_template": "llama3.1"})
+    line = template_line("llama", hyperparameters={}, chat_template="llama3.1")
     assert line is not None and "`llama3.1`" in line and "`{% generation %}` markers" in line
     assert "fixed at 'Today Date: 26 Jul 2024'" in line and "Llama 3.2 template writes the current date" in line
     line = template_line("chatml", hyperparameters={}, chat_template="chatml")
     assert "default system turn" in line
-    assert template_line("none", hyperparameters={"learning_rate": 1e-4}) is None
+    assert template_line("none", hyperparameters={"chat_template": "chatml"}) is None  # only the argument counts
+    # what was measured against the base model's own template is said too
+    measured = "the stock template renders 'Today Date: 30 Nov 2026' where the training template renders ..."
+    text = write_model_card(
+        tmp_path / "measured", **common, hyperparameters={}, chat_template="llama3.1", chat_template_difference=measured
+    ).read_text()
+    assert f"Compared with the base model's own template: {measured}." in text
 
 
 def test_card_text_is_written_as_given_not_read_as_a_template(tmp_path):
