@@ -292,40 +292,41 @@ def test_chatml_keeps_each_models_own_default_system_turn_also_once_saved(tmp_pa
     assert reapplied.chat_template == trained.chat_template
 
 
+# The stock Llama 3.1 layout, as written out by hand: the system header with its two date lines, and the
+# first exchange of CONVERSATION.
+LLAMA31_SYSTEM_HEADER = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+)
+FIRST_EXCHANGE = (
+    "<|start_header_id|>user<|end_header_id|>\n\nHow often should I grease the PTO shaft?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "Every 8 to 10 hours of use, or as the operator's manual says.<|eot_id|>"
+)
+
+
 @pytest.mark.parametrize(
     ("messages", "prompt", "expected"),
     [
         pytest.param(
             CONVERSATION[:3],
             False,
-            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
-            "You advise farmers on machinery.<|eot_id|>"
-            "<|start_header_id|>user<|end_header_id|>\n\nHow often should I grease the PTO shaft?<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
-            "Every 8 to 10 hours of use, or as the operator's manual says.<|eot_id|>",
+            LLAMA31_SYSTEM_HEADER + "You advise farmers on machinery.<|eot_id|>" + FIRST_EXCHANGE,
             id="system",
         ),
         pytest.param(
             CONVERSATION[1:3],
             False,
-            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
-            "<|start_header_id|>user<|end_header_id|>\n\nHow often should I grease the PTO shaft?<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
-            "Every 8 to 10 hours of use, or as the operator's manual says.<|eot_id|>",
+            LLAMA31_SYSTEM_HEADER + "<|eot_id|>" + FIRST_EXCHANGE,
             id="no-system",
         ),
         pytest.param(
             [{"role": m["role"], "content": f"  {m['content']}\n"} for m in CONVERSATION],
             False,
-            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
-            "You advise farmers on machinery.<|eot_id|>"
-            "<|start_header_id|>user<|end_header_id|>\n\nHow often should I grease the PTO shaft?<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
-            "Every 8 to 10 hours of use, or as the operator's manual says.<|eot_id|>"
-            "<|start_header_id|>user<|end_header_id|>\n\nAnd the cross journals?<|eot_id|>"
+            LLAMA31_SYSTEM_HEADER
+            + "You advise farmers on machinery.<|eot_id|>"
+            + FIRST_EXCHANGE
+            + "<|start_header_id|>user<|end_header_id|>\n\nAnd the cross journals?<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n"
             "Grease them at the same interval until clean grease shows at the seals.<|eot_id|>",
             id="multi-turn-trimmed",
@@ -333,12 +334,10 @@ def test_chatml_keeps_each_models_own_default_system_turn_also_once_saved(tmp_pa
         pytest.param(
             CONVERSATION[1:4],
             True,
-            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
-            "<|start_header_id|>user<|end_header_id|>\n\nHow often should I grease the PTO shaft?<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
-            "Every 8 to 10 hours of use, or as the operator's manual says.<|eot_id|>"
-            "<|start_header_id|>user<|end_header_id|>\n\nAnd the cross journals?<|eot_id|>"
+            LLAMA31_SYSTEM_HEADER
+            + "<|eot_id|>"
+            + FIRST_EXCHANGE
+            + "<|start_header_id|>user<|end_header_id|>\n\nAnd the cross journals?<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n",
             id="generation-prompt",
         ),
