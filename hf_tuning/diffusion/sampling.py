@@ -113,7 +113,7 @@ def dit_scheduler(
     then cancels catastrophically near t=0 (one step of the full 1000-step chain was off by 2.5e-4,
     of the 250-step chain by 3e-5). The step *formula* is DiT's, so the float64 table of
     :class:`GaussianDiffusion` is installed instead; the step then matches DiT's to ~5e-7 (float32
-    rounding), as tests/test_diffusion_sampling.py checks. A model without a learned sigma gets
+    rounding), as tests/diffusion/test_sampling.py checks. A model without a learned sigma gets
     ``fixed_small`` (the posterior variance); DiT's own default for ``learn_sigma=False`` would be
     ``fixed_large`` (beta_t).
     """
