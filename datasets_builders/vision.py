@@ -545,6 +545,17 @@ class AugmentationArguments:
         },
     )
 
+    def random_transforms(self) -> list[str]:
+        """The augmentations that change an image from one epoch to the next (none: every epoch sees the
+        same pixels, so features of a frozen prefix can be cached)."""
+        found = []
+        if self.train_crop:
+            found.append("train_crop (random resized crop, flip, auto_augment, colour jitter, random erasing)")
+        found += [
+            f"{name}={getattr(self, name)}" for name in ("mixup_alpha", "cutmix_alpha") if getattr(self, name) > 0
+        ]
+        return found
+
     def __post_init__(self) -> None:
         for name in ("random_erasing", "hflip", "mixup_prob", "mixup_switch_prob"):
             _check_probability(name, getattr(self, name))

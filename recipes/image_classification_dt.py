@@ -12,7 +12,10 @@ line (``--dt_variant dt4 --tuning_mode lora``). The steps:
 2. build the backbone with its starting weights and fit the head to the class count;
 3. make the tuning mode's parameters trainable (everything, LoRA or bottleneck adapters);
 4. train stage by stage, resumable with ``--resume_from_checkpoint``;
-5. save the weights with ``vision_config.json`` (``eval/evaluate_vision.py`` reloads from it).
+5. save the weights with ``vision_config.json`` (``eval/evaluate_vision.py`` reloads from it) and a
+   model card (``README.md``).
+
+``--tuning_mode`` is full, lora, adapter, dtl or dtl_plus (the last two: :mod:`hf_tuning.tuners`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import set_seed
 from trl import TrlParser
 
 from datasets_builders.image_classification import VisionDataArguments, load_image_splits
@@ -43,8 +47,10 @@ from hf_tuning.vision import (
     save_adapter_weights,
     vision_data_config,
     write_vision_config,
+    write_vision_model_card,
 )
 from hf_tuning.vision.backbones import model_library
+from hf_tuning.vision.tuning import METHOD_MODES
 
 logger = logging.getLogger("image_classification_dt")
 
@@ -98,10 +104,69 @@ def apply_batch_convention(batch: BatchArguments, args: StagedTrainingArguments)
     return {"effective_batch_size": effective, "learning_rate": args.learning_rate}
 
 
+MODE_SETTINGS = {
+    "lora": ("lora_r", "lora_alpha", "lora_dropout"),
+    "adapter": ("adapter_reduction", "adapter_dropout"),
+    "dtl": ("dtl_rank", "dtl_map_blocks", "dtl_add_after_blocks"),
+    "dtl_plus": ("dtl_rank", "dtl_kernel_size", "dtl_map_blocks", "dtl_add_after_blocks"),
+}
+
+
+def write_run_card(
+    trainer: StagedImageClassificationTrainer,
+    output_dir: Path,
+    model_args: VisionModelArguments,
+    tuning_args: VisionTuningArguments,
+    train_split: Any,
+    library: str,
+    metrics: dict[str, float],
+    settings: dict[str, float],
+) -> Path:
+    """The run's model card (README.md), whatever the tuning mode: stages, results, how to reload."""
+    args = trainer.args
+    hyperparameters = {
+        "tuning_mode": tuning_args.tuning_mode,
+        **{name: getattr(tuning_args, name) for name in MODE_SETTINGS.get(tuning_args.tuning_mode, ())},
+        "dt_variant": args.dt_variant,
+        "learning_rate": settings["learning_rate"],
+        "effective_batch_size": settings["effective_batch_size"],
+        "num_train_epochs": args.num_train_epochs,
+        "lr_scheduler_type": str(args.lr_scheduler_type),
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+    }
+    partition = trainer.stage_plan.partition
+    results = {k.removeprefix("eval_"): v for k, v in metrics.items() if k in ("eval_top1", "eval_top5")}
+    return write_vision_model_card(
+        output_dir,
+        model_name=output_dir.name,
+        base_model=model_args.model_name_or_path,
+        library=library,
+        tuning_mode=tuning_args.tuning_mode,
+        class_names=train_split.classes,
+        stage_plan=trainer.stage_plan,
+        stage_records=trainer.stage_records,
+        dt_budget=args.dt_budget,
+        hyperparameters=hyperparameters,
+        trainable_parameters=partition.numel(partition.trainable) if partition is not None else None,
+        eval_results=results or None,
+        dataset_description=f"Trained on {len(train_split)} images in {train_split.num_classes} classes ({train_split.source}).",
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch, model_args, tuning_args, data_args, augmentation, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
 
+    if (
+        tuning_args.tuning_mode in METHOD_MODES
+        and tuning_args.dtl_cache_prefix_features
+        and augmentation.random_transforms()
+    ):
+        raise ValueError(
+            "dtl_cache_prefix_features replays the first epoch's features, but training augments at random: "
+            f"{', '.join(augmentation.random_transforms())}. Set train_crop: false and mixup/cutmix to 0, or turn the cache off"
+        )
     # 1. Data first: a missing split file or an empty class fails here, before any weights load.
     train_split, eval_split = load_image_splits(data_args)
     logger.info(
@@ -110,10 +175,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = apply_batch_convention(batch, training_args)
 
     # 2-3. Backbone, head, tuning mode.
+    set_seed(training_args.seed)  # the new head and any added modules start the same in every run with this seed
     model = load_vision_model(model_args, train_split.num_classes)
     data_config = vision_data_config(model, model_args)
     library = model_library(model)
-    model = prepare_for_tuning(model, tuning_args)
+    model = prepare_for_tuning(model, tuning_args, model_args.model_name_or_path)
 
     train_dataset = ImageClassificationDataset(
         train_split,
@@ -160,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "tuning_mode": tuning_args.tuning_mode,
             },
         )
+        write_run_card(trainer, output_dir, model_args, tuning_args, train_split, library, metrics, settings)
     trainer.accelerator.wait_for_everyone()
     return {"output_dir": str(output_dir), "train": train_result.metrics, "eval": metrics, "trainer": trainer}
 

@@ -5,6 +5,7 @@
   :mod:`hf_tuning.vision.adapters`
 * the trainer: :mod:`hf_tuning.vision.trainer`
 * saving and reloading a run: :mod:`hf_tuning.vision.saved`
+* model cards of finished runs and adapter folders: :mod:`hf_tuning.vision.model_card`
 * the block families of these backbones: :mod:`hf_tuning.vision.families`
 
 Names are imported on first use, so importing the package stays cheap.
@@ -27,6 +28,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "model_library",
             "vision_data_config",
         ),
+        "model_card": ("update_vision_eval_results", "write_vision_model_card"),
         "saved": ("TrainedClassifier", "load_trained_classifier", "save_adapter_weights", "write_vision_config"),
         "trainer": ("StagedImageClassificationTrainer", "accuracy_metrics"),
         "tuning": ("TUNING_MODES", "VisionTuningArguments", "prepare_for_tuning"),

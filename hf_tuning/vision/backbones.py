@@ -76,7 +76,13 @@ class VisionModelArguments:
             "is built from those rows of the pretrained head instead of being re-initialised."
         },
     )
-    drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth rate."})
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth rate; 0 turns it off. Unset: the architecture's own default (timm's Swin "
+            "and ConvNeXt use 0.1, its ViT 0)."
+        },
+    )
     model_kwargs: dict | str | None = field(  # str: a JSON object given on the command line
         default=None,
         metadata={
@@ -92,7 +98,7 @@ class VisionModelArguments:
     def __post_init__(self) -> None:
         if self.library not in LIBRARIES:
             raise VisionModelError(f"library={self.library!r} is not one of {', '.join(LIBRARIES)}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
+        if self.drop_path_rate is not None and not 0.0 <= self.drop_path_rate < 1.0:
             raise VisionModelError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.model_kwargs is None:
             self.model_kwargs = {}
@@ -194,7 +200,7 @@ def _build_timm(args: VisionModelArguments, num_classes: int) -> nn.Module:
     import timm
 
     kwargs = dict(args.model_kwargs)
-    if args.drop_path_rate:
+    if args.drop_path_rate is not None:  # 0.0 included: "off" must reach an architecture whose default is not 0
         kwargs["drop_path_rate"] = args.drop_path_rate
     # with a checkpoint or a head map the head is sized from the weights first, then fitted
     if args.checkpoint is None and args.head_class_map is None:
@@ -217,10 +223,13 @@ def _build_transformers(args: VisionModelArguments, num_classes: int) -> nn.Modu
     from transformers import AutoConfig, AutoModelForImageClassification
 
     overrides = dict(args.model_kwargs)
-    if args.drop_path_rate:
-        overrides["drop_path_rate"] = args.drop_path_rate
     remote = {"trust_remote_code": args.trust_remote_code}
     config = AutoConfig.from_pretrained(args.model_name_or_path, **remote, **overrides)
+    if args.drop_path_rate is not None:
+        if hasattr(config, "drop_path_rate"):
+            config.drop_path_rate = args.drop_path_rate
+        elif args.drop_path_rate > 0:
+            raise VisionModelError(f"{type(config).__name__} has no stochastic depth: drop_path_rate cannot apply")
     head_from_weights = args.checkpoint is not None or args.head_class_map is not None
     if args.pretrained and args.checkpoint is None:
         resize = {} if head_from_weights else {"num_labels": num_classes, "ignore_mismatched_sizes": True}

@@ -1,9 +1,10 @@
 """Save and reload a trained image classifier, whatever its library and tuning mode.
 
-A run folder holds the weights the Trainer saved (a PEFT adapter for LoRA, the full state dict
-otherwise) plus ``vision_config.json``: how to rebuild the backbone, the tuning mode, the
-preprocessing and the class names. :func:`load_trained_classifier` needs nothing else, except
-the base weights for a LoRA run (the adapter holds only LoRA matrices and the head).
+A run folder holds the weights the Trainer saved (a PEFT adapter for LoRA, an :mod:`hf_tuning.tuners`
+adapter folder for DTL/DTL+, the full state dict otherwise) plus ``vision_config.json``: how to rebuild
+the backbone, the tuning mode, the preprocessing and the class names. :func:`load_trained_classifier`
+needs nothing else, except the base weights for a LoRA or method run (the adapter holds only the
+added modules and the head).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from hf_tuning.io import atomic_write_json, read_json
 from hf_tuning.vision.backbones import VisionModelArguments, load_state_dict_file, load_vision_model, model_library
-from hf_tuning.vision.tuning import VisionTuningArguments, prepare_for_tuning
+from hf_tuning.vision.tuning import METHOD_MODES, VisionTuningArguments, prepare_for_tuning
 
 __all__ = [
     "VISION_CONFIG_FILE",
@@ -97,16 +98,21 @@ def load_trained_classifier(output_dir: str | Path, device: str = "cpu") -> Trai
     model_args = VisionModelArguments(**{**saved["model"], "library": saved["library"]})
     tuning_args = VisionTuningArguments(**saved["tuning"])
     classes = saved["class_names"]
-    if tuning_args.tuning_mode == "lora":
-        from peft import PeftModel
-
+    if tuning_args.tuning_mode in ("lora", *METHOD_MODES):
         if not (model_args.pretrained or model_args.checkpoint or Path(model_args.model_name_or_path).is_dir()):
             raise ValueError(
-                f"{folder} holds a LoRA adapter over a randomly initialised backbone (no pretrained weights or "
-                "checkpoint were given): the adapter alone cannot restore that base"
+                f"{folder} holds a {tuning_args.tuning_mode} adapter over a randomly initialised backbone (no "
+                "pretrained weights or checkpoint were given): the adapter alone cannot restore that base"
             )
         base = load_vision_model(model_args, len(classes))
-        model = PeftModel.from_pretrained(base, str(folder))
+        if tuning_args.tuning_mode == "lora":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base, str(folder))
+        else:
+            from hf_tuning.tuners import load_petl_model
+
+            model = load_petl_model(base, folder)
     else:
         if saved["library"] == "transformers":
             from transformers import AutoModelForImageClassification

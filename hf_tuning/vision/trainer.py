@@ -3,7 +3,8 @@
 A thin subclass of :class:`~hf_tuning.StagedTrainer`: it calls the backbone on ``pixel_values``
 (timm models take a tensor and return logits, transformers models return an output object),
 takes soft targets from mixup/cutmix, and keeps augmentation that mixes samples out of
-evaluation by using ``eval_data_collator`` for every non-training dataloader.
+evaluation by using ``eval_data_collator`` for every non-training dataloader. A
+:mod:`hf_tuning.tuners` model is checkpointed and saved as its adapter folder.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from transformers import EvalPrediction
 
 from hf_tuning.trainer import StagedTrainer
+from hf_tuning.tuners.checkpoints import PetlCheckpointing
 from hf_tuning.vision.backbones import logits_of
 
 __all__ = ["StagedImageClassificationTrainer", "accuracy_metrics"]
@@ -34,8 +36,9 @@ def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
     }
 
 
-class StagedImageClassificationTrainer(StagedTrainer):
-    """``StagedTrainer`` for image classifiers (timm or transformers, full, LoRA or adapter).
+class StagedImageClassificationTrainer(PetlCheckpointing, StagedTrainer):
+    """``StagedTrainer`` for image classifiers (timm or transformers; full, LoRA, adapter or a
+    :mod:`hf_tuning.tuners` method, whose checkpoints are adapter folders).
 
     Args:
         eval_data_collator: collator for evaluation and prediction (default: the training one).

@@ -1,8 +1,10 @@
-"""Tuning modes of a vision backbone: full fine-tuning, LoRA (through PEFT) or the paper's adapter.
+"""Tuning modes of a vision backbone: full fine-tuning, LoRA (through PEFT), the paper's adapter, or one of
+our transfer methods (:mod:`hf_tuning.tuners`: DTL, DTL+).
 
-In every mode the classifier head and the final norm (the parameters after the last block) are
-trainable (under LoRA, a final norm whose name PEFT cannot single out stays frozen), and the staged engine keeps them trainable in every stage. In the PEFT modes the
-backbone is frozen, so only the adapters are split into subspaces.
+In every mode the classifier head is trainable, and the staged engine keeps it trainable in every
+stage. Full, LoRA and adapter also train the final norm (under LoRA, a final norm whose name PEFT
+cannot single out stays frozen); the methods keep it frozen, as they are defined. Outside full
+fine-tuning the backbone is frozen, so only the added modules are split into subspaces.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-TUNING_MODES = ("full", "lora", "adapter")
+TUNING_MODES = ("full", "lora", "adapter", "dtl", "dtl_plus")
+METHOD_MODES = ("dtl", "dtl_plus")  # modes served by hf_tuning.tuners (saved as adapter folders)
 
 
 @dataclass
@@ -34,7 +37,8 @@ class VisionTuningArguments:
     tuning_mode: str = field(
         default="full",
         metadata={
-            "help": "full (every weight), lora (PEFT LoRA) or adapter (the paper's bottleneck).",
+            "help": "full (every weight), lora (PEFT LoRA), adapter (the paper's bottleneck), dtl or dtl_plus "
+            "(a side network beside the frozen backbone; hf_tuning.tuners).",
             "choices": list(TUNING_MODES),
         },
     )
@@ -50,12 +54,55 @@ class VisionTuningArguments:
     )
     adapter_reduction: int = field(default=4, metadata={"help": "Adapter bottleneck = dim / reduction."})
     adapter_dropout: float = field(default=0.0, metadata={"help": "Dropout after the adapter."})
+    dtl_rank: int = field(default=2, metadata={"help": "DTL: rank of each block's low-rank map (ViT-B 2, Swin-B 4)."})
+    dtl_kernel_size: int = field(default=3, metadata={"help": "DTL+: size of the depthwise convolution (3, 4 or 5)."})
+    dtl_map_blocks: str | None = field(
+        default=None,
+        metadata={
+            "help": "DTL: blocks whose input feeds the side network, e.g. '0-11' (default: all; Swin: last two stages)."
+        },
+    )
+    dtl_add_after_blocks: str | None = field(
+        default=None,
+        metadata={
+            "help": "DTL: blocks after which the side output is added, e.g. '6-11' (default: second half of the mapped blocks)."
+        },
+    )
+    dtl_no_grad_prefix: bool = field(
+        default=True,
+        metadata={"help": "DTL: run the blocks before the first add-back without autograd (exact, less memory)."},
+    )
+    dtl_cache_prefix_features: bool = field(
+        default=False,
+        metadata={
+            "help": "DTL: compute the frozen prefix once per image and reuse it across epochs (needs no dropout, "
+            "drop-path or random augmentation; refused otherwise)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.tuning_mode not in TUNING_MODES:
             raise ValueError(f"tuning_mode={self.tuning_mode!r} is not one of {', '.join(TUNING_MODES)}")
         if self.lora_r < 1 or self.adapter_reduction < 1:
             raise ValueError("lora_r and adapter_reduction must be >= 1")
+        if self.tuning_mode in METHOD_MODES:
+            self.method_config()  # a bad DTL setting fails here, before any weights load
+
+    def method_config(self, base_model_name_or_path: str | None = None):
+        """The :mod:`hf_tuning.tuners` config of a method mode (``dtl``, ``dtl_plus``)."""
+        from hf_tuning.tuners import DTLConfig
+
+        if self.tuning_mode not in METHOD_MODES:
+            raise ValueError(f"tuning_mode={self.tuning_mode!r} is not a hf_tuning.tuners method")
+        return DTLConfig(
+            rank=self.dtl_rank,
+            kernel_size=self.dtl_kernel_size if self.tuning_mode == "dtl_plus" else 0,
+            map_blocks=self.dtl_map_blocks,
+            add_after_blocks=self.dtl_add_after_blocks,
+            no_grad_prefix=self.dtl_no_grad_prefix,
+            cache_prefix_features=self.dtl_cache_prefix_features,
+            base_model_name_or_path=base_model_name_or_path,
+        )
 
 
 def _is_projection(module: nn.Module) -> bool:
@@ -110,8 +157,15 @@ def _unambiguous_for_peft(model: nn.Module, modules: list[str]) -> tuple[list[st
     return usable, ambiguous
 
 
-def prepare_for_tuning(model: nn.Module, args: VisionTuningArguments) -> nn.Module:
-    """Return the model with exactly the mode's parameters trainable (a ``PeftModel`` for LoRA)."""
+def prepare_for_tuning(
+    model: nn.Module, args: VisionTuningArguments, base_model_name_or_path: str | None = None
+) -> nn.Module:
+    """Return the model with exactly the mode's parameters trainable (a ``PeftModel`` for LoRA, a
+    :class:`~hf_tuning.tuners.PetlModel` for the method modes)."""
+    if args.tuning_mode in METHOD_MODES:
+        from hf_tuning.tuners import get_petl_model
+
+        return get_petl_model(model, args.method_config(base_model_name_or_path))
     head_modules = output_side_modules(model)
     if args.tuning_mode == "full":
         model.requires_grad_(True)

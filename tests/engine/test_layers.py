@@ -1,9 +1,10 @@
 """The package's layers: imports only go down, each domain declares its own block families, and importing
 the package stays cheap.
 
-Layers, top to bottom: the scripts (recipes/, datasets_builders/, eval/, benchmarks/) -> the domain
-packages hf_tuning.{llm,vision,diffusion,tuners} -> the engine core (modules directly in hf_tuning/).
-``hf_tuning/__init__.py`` is the public facade over both library layers.
+Layers, top to bottom: the scripts (recipes/, datasets_builders/, eval/, benchmarks/) -> the application
+domains hf_tuning.{llm,vision,diffusion} -> the transfer methods hf_tuning.tuners (used by several domains:
+SNELL tunes ViTs and LLaMAs alike) -> the engine core (modules directly in hf_tuning/).
+``hf_tuning/__init__.py`` is the public facade over the library layers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from tests.helpers import REPO_ROOT, script_env
 
 PACKAGE = REPO_ROOT / "hf_tuning"
 SCRIPT_PACKAGES = ("datasets_builders", "eval", "benchmarks", "recipes", "tests")
-DOMAINS = ("llm", "vision", "diffusion", "tuners")
+DOMAINS = ("llm", "vision", "diffusion")
+METHODS_LAYER = "tuners"
 
 
 def layer_of(path: Path) -> str:
@@ -62,9 +64,11 @@ def allowed(layer: str, target: str) -> bool:
     if top != "hf_tuning" or layer == "facade":
         return True
     target_layer = rest.split(".")[0]
+    if target_layer == METHODS_LAYER:
+        return layer in (*DOMAINS, METHODS_LAYER)  # the methods serve the domains; the core imports none
     if target_layer not in DOMAINS:
         return True  # the core is open to everyone
-    return layer == target_layer  # the core imports no domain; a domain imports no other domain
+    return layer == target_layer  # neither the core nor the methods import a domain; no domain imports another
 
 
 def test_imports_only_go_down():
@@ -88,6 +92,10 @@ def test_imports_only_go_down():
         ("diffusion", "eval.fid", False),
         ("facade", "hf_tuning.llm.sft", True),
         ("llm", "transformers", True),
+        ("vision", "hf_tuning.tuners.dtl", True),
+        ("tuners", "hf_tuning.vision.backbones", False),
+        ("tuners", "hf_tuning.stages", True),
+        ("core", "hf_tuning.tuners.model", False),
     ],
 )
 def test_the_rule_itself(layer, target, expected):

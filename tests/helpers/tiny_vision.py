@@ -78,3 +78,16 @@ def tiny_images(family: str, batch: int = 4, seed: int = 0) -> torch.Tensor:
 
 
 FAMILIES = ("timm_vit", "timm_swin", "timm_convnext", "hf_vit", "hf_swin", "hf_convnext")
+
+
+class TrainEndSnapshots:
+    """Trainer callback: a copy of every parameter at the end of each ``train()`` call, i.e. of each DT stage."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.seen.append({n: p.detach().clone() for n, p in model.named_parameters()})

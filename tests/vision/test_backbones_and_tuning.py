@@ -21,7 +21,7 @@ from hf_tuning.vision import (
     prepare_for_tuning,
     vision_data_config,
 )
-from tests.helpers.tiny_vision import FAMILIES, TIMM_KWARGS, tiny_images, tiny_vision_model
+from tests.helpers.tiny_vision import FAMILIES, TIMM_KWARGS, TrainEndSnapshots, tiny_images, tiny_vision_model
 
 
 def _prefixes(names, depth: int) -> set[str]:
@@ -207,15 +207,15 @@ def test_trainer_dt1_trains_one_stage_at_a_time_with_soft_labels(tmp_path):
         use_cpu=True,
         disable_tqdm=True,
     )
-    seen = []
+    snapshots = TrainEndSnapshots()
     trainer = StagedImageClassificationTrainer(
         model=model, args=args, train_dataset=_Images(), eval_dataset=_Images(8), data_collator=_soft,
         eval_data_collator=_stack,
     )  # fmt: skip
-    trainer.add_callback(_Snapshot(seen))
+    trainer.add_callback(snapshots)
     trainer.train()
     assert [r.steps for r in trainer.stage_records] == [3, 3, 3, 3]
-    for stage, snapshot in enumerate(seen):
+    for stage, snapshot in enumerate(snapshots.seen):
         moved = {n for n, p in snapshot.items() if not torch.equal(p, before[n])}
         assert {n for n in moved if n.startswith("blocks.")} == {
             n for n in before if n.startswith(tuple(f"blocks.{b}." for b in (2 * stage, 2 * stage + 1)))
@@ -226,12 +226,13 @@ def test_trainer_dt1_trains_one_stage_at_a_time_with_soft_labels(tmp_path):
     assert "eval_loss" in trainer.evaluate()  # mixup-style collators never touch evaluation
 
 
-class _Snapshot:
-    def __init__(self, seen: list) -> None:
-        self.seen = seen
 
-    def __getattr__(self, name):
-        return lambda *a, **k: None
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+def test_drop_path_zero_turns_off_an_architecture_default():
+    """timm's Swin defaults to drop-path 0.1: an explicit 0 must reach it, and unset keeps the default."""
+    from hf_tuning.tuners.backbones import random_modules
+
+    name, kwargs = TIMM_KWARGS["timm_swin"]
+    default = load_vision_model(VisionModelArguments(name, model_kwargs=dict(kwargs)), 5)
+    off = load_vision_model(VisionModelArguments(name, model_kwargs=dict(kwargs), drop_path_rate=0.0), 5)
+    assert any("drop_path" in found for found in random_modules(default)) and random_modules(off) == []

@@ -21,6 +21,7 @@ SWIN_FFT = CONFIG_DIR / "swin_base_22kto1k.yaml"
 SWIN_ADAPTER = CONFIG_DIR / "swin_base_22kto1k_adapter.yaml"
 SWIN_CONFIGS = (SWIN_FFT, SWIN_ADAPTER)
 VIT_VTAB = CONFIG_DIR / "vit_b16_vtab1k_lora_dt3.yaml"
+VIT_VTAB_DTL = CONFIG_DIR / "vit_b16_vtab1k_dtl.yaml"
 PER_VARIANT_FIELDS = {"dt_variant", "output_dir"}  # what the command line changes between the variants' runs
 
 
@@ -67,7 +68,7 @@ def field_differences(a: tuple, b: tuple, ignore: set[str]) -> dict[str, tuple]:
 
 def test_the_expected_configs_are_shipped():
     names = {p.name for p in VISION_CONFIGS}
-    expected = {p.name for p in [*SWIN_CONFIGS, VIT_VTAB]}
+    expected = {p.name for p in [*SWIN_CONFIGS, VIT_VTAB, VIT_VTAB_DTL]}
     assert expected <= names, sorted(expected - names)
 
 
@@ -189,6 +190,21 @@ def test_vit_vtab_lora_config(tmp_path):
     assert (args.dt_variant, args.dt_budget, args.dt_stage_init) == ("dt3", "per_stage", "last")
     assert args.eval_strategy == "no"  # final-epoch evaluation, once, after training
     assert recipe.apply_batch_convention(batch, args)["learning_rate"] == 1e-3  # absolute, not batch-scaled
+
+
+def test_vit_vtab_dtl_config_holds_the_methods_protocol(tmp_path):
+    batch, model_args, tuning_args, data_args, augmentation, args = parse(VIT_VTAB_DTL, tmp_path)
+    assert model_args.model_name_or_path == "vit_base_patch16_224.orig_in21k" and model_args.drop_path_rate == 0.0
+    config = tuning_args.method_config()
+    assert (config.method, config.rank, config.kernel_size) == ("dtl", 2, 0)
+    assert config.map_blocks == list(range(12)) and config.add_after_blocks == list(range(6, 12))
+    plus = parse(VIT_VTAB_DTL, tmp_path, "--tuning_mode", "dtl_plus", "--dtl_kernel_size", "4")[2].method_config()
+    assert plus.kernel_size == 4 and plus.plus
+    assert not augmentation.train_crop and not augmentation.random_transforms()
+    assert batch.total_batch_size == 32 and args.weight_decay == 0.05 and args.dataloader_drop_last
+    assert args.num_train_epochs == 100 and args.warmup_steps == pytest.approx(0.1)
+    assert (args.dt_variant, args.eval_strategy) == ("ost", "no")
+    assert (data_args.train_split, data_args.eval_split) == ("train800val200", "test")
 
 
 def test_vit_vtab_task_is_overridden_on_the_command_line(tmp_path):

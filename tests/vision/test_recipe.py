@@ -132,3 +132,95 @@ def test_ddp_two_processes_with_the_shipped_accelerate_config(digits, tmp_path):
     results = json.loads((out / "all_results.json").read_text())
     assert results["world_size"] == 2 and results["effective_batch_size"] == 32
     assert (out / "model.safetensors").is_file()
+
+
+def _vit_backbone(tmp_path: Path) -> Path:
+    """A "pretrained" timm ViT (the digits config's shape): method adapters need the same base to reload."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 8, "num_heads": 4}
+    path = tmp_path / "vit-backbone.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs).state_dict(), path)
+    return path
+
+
+def test_dtl_plus_dt3_saves_an_adapter_folder_with_a_card_and_evaluates(digits, tmp_path):
+    from eval.evaluate_vision import VisionEvalSettings, evaluate_run
+
+    out = tmp_path / "vit-dtl-plus"
+    result = _recipe().main(
+        _argv(digits, out, "--checkpoint", str(_vit_backbone(tmp_path)), "--tuning_mode", "dtl_plus",
+              "--dtl_kernel_size", "3", "--eval_split", "test", "--dtl_cache_prefix_features", "true")
+    )  # fmt: skip
+    assert [r.steps for r in result["trainer"].stage_records] == [4, 4]
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "vision_config.json"} <= files
+    assert "model.safetensors" not in files  # the frozen backbone is never copied
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["method"] == "dtl" and saved["kernel_size"] == 3
+    assert saved["base_model_name_or_path"] == "vit_tiny_patch16_224"
+    card = (out / "README.md").read_text()
+    assert "library_name: hf_tuning" in card and "load_petl_model" in card and "| 1 | odd |" in card
+
+    trained = result["trainer"].model.eval()
+    reloaded = load_trained_classifier(out)
+    assert reloaded.tuning_mode == "dtl_plus"
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(logits_of(reloaded.model(x)), trained(x))
+    settings = VisionEvalSettings(model_dir=[str(out)], data_format="imagefolder", data_dir=str(digits), split="test")
+    evaluated = evaluate_run(out, settings, tmp_path / "report")
+    results = json.loads((out / "all_results.json").read_text())
+    assert evaluated["top1"] == pytest.approx(results["eval_top1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["full", "adapter"])
+def test_every_mode_writes_a_model_card(digits, tmp_path, mode):
+    out = tmp_path / mode
+    _recipe().main(_argv(digits, out, "--tuning_mode", mode, "--max_steps", "1", "--dt_variant", "ost"))
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and f"tuning_mode: {mode}" in card
+
+
+def test_dtl_feature_cache_with_random_augmentation_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="dtl_cache_prefix_features replays .*train_crop"):
+        _recipe().main(
+            _argv(tmp_path / "no-data", tmp_path / "out", "--tuning_mode", "dtl", "--dtl_cache_prefix_features",
+                  "true", "--train_crop", "true")
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_dtl_run_resumes_exactly_from_its_adapter_checkpoint(digits, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.helpers.staged_run import CrashAt, SimulatedCrash
+
+    backbone = str(_vit_backbone(tmp_path))
+    common = ("--checkpoint", backbone, "--tuning_mode", "dtl", "--save_strategy", "steps", "--save_steps", "2")
+    straight = tmp_path / "straight"
+    _recipe().main(_argv(digits, straight, *common))
+    crashed = tmp_path / "crashed"
+    recipe = _recipe()
+    crash = CrashAt(stage=1, step=2)
+    original = recipe.StagedImageClassificationTrainer
+
+    class Crashing(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            crash.trainer = self
+            self.add_callback(crash)
+
+    recipe.StagedImageClassificationTrainer = Crashing
+    try:
+        with pytest.raises(SimulatedCrash):
+            recipe.main(_argv(digits, crashed, *common))
+    finally:
+        recipe.StagedImageClassificationTrainer = original
+    checkpoint = next(crashed.glob("stage-1/checkpoint-*"))
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    _recipe().main(_argv(digits, crashed, *common, "--resume_from_checkpoint", "true"))
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(crashed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
