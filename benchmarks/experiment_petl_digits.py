@@ -1,4 +1,4 @@
-"""Which tuning mode transfers best? DTL and DTL+ against LoRA, the adapter and full fine-tuning on real digits.
+"""Which tuning mode transfers best? DTL, DTL+ and DyT against LoRA, the adapter and full fine-tuning on real digits.
 
 The setting of the staged-tuning digits experiment (``benchmarks/experiment_vision_digits.py``): a small
 ViT and a small Swin are pretrained from scratch on scikit-learn's digits 0-4 (the same pretraining code
@@ -14,7 +14,9 @@ One protocol for every mode, fixed before any run:
    stochastic depth (the architecture's default: none for the ViT, 0.1 for the Swin) everywhere. On the
    ViT, DTL's prefix-feature cache is on: it is exact there and only saves time.
 
-Every run goes through ``recipes/image_classification_dt.py``; finished runs are kept as JSON under
+DyT (with and without distillation; it has no Swin form) also records its measured keep rate and its FLOPs per
+image against the plain backbone's, on the scored split. Every run goes through
+``recipes/image_classification_dt.py``; finished runs are kept as JSON under
 ``<output-dir>/experiment_petl/`` and skipped on a rerun. Results: ``<output-dir>/experiment_petl_digits.
 {json,md,png}``. Run it as a module from the repository root:
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,13 +44,25 @@ from benchmarks.experiment_vision_digits import ARCHS, _common_argv, _load_recip
 from datasets_builders.digits import export_digits
 from hf_tuning.io import atomic_write_json, read_json
 
-MODES: dict[str, list[str]] = {  # each mode's own settings; the learning rate is chosen on validation
-    "full": [],
-    "lora": ["--lora_r", "8", "--lora_alpha", "16"],
-    "adapter": [],
-    "dtl": ["--dtl_rank", "2"],
-    "dtl_plus": ["--dtl_rank", "2", "--dtl_kernel_size", "3"],
+MODES: dict[str, list[str]] = {  # each mode's recipe settings; the learning rate is chosen on validation
+    "full": ["--tuning_mode", "full"],
+    "lora": ["--tuning_mode", "lora", "--lora_r", "8", "--lora_alpha", "16"],
+    "adapter": ["--tuning_mode", "adapter"],
+    "dtl": ["--tuning_mode", "dtl", "--dtl_rank", "2"],
+    "dtl_plus": ["--tuning_mode", "dtl_plus", "--dtl_rank", "2", "--dtl_kernel_size", "3"],
+    "dyt": ["--tuning_mode", "dyt", "--dyt_bottleneck", "16", "--dyt_target_rate", "0.5"],
+    "dyt_distill": [
+        "--tuning_mode",
+        "dyt",
+        "--dyt_bottleneck",
+        "16",
+        "--dyt_target_rate",
+        "0.5",
+        "--dyt_distillation",
+        "true",
+    ],
 }
+ONLY_ON = {"dyt": ("vit",), "dyt_distill": ("vit",)}  # DyT has no Swin form
 # DTL's prefix-feature cache (exact, only faster) where nothing random runs in front of it: the ViT has no
 # drop-path, while the Swin keeps timm's default 0.1 in every mode (one protocol), which the cache refuses.
 CACHE_ARCHS = ("vit",)
@@ -83,20 +98,43 @@ def transfer(recipe: Any, arch: str, mode: str, lr: float, seed: int, split: str
     """One transfer run, scored on ``split`` (val or test) at its final epoch."""
     with tempfile.TemporaryDirectory() as tmp:
         argv = _common_argv(arch, target, Path(tmp), seed=seed, batch_size=s.batch_size)
-        argv += ["--eval_split", split, "--checkpoint", str(backbone), "--tuning_mode", mode, "--dt_variant", "ost"]
+        argv += ["--eval_split", split, "--checkpoint", str(backbone), "--dt_variant", "ost"]
         argv += ["--num_train_epochs", str(s.epochs), "--learning_rate", str(lr), *MODES[mode]]
         if mode.startswith("dtl") and arch in CACHE_ARCHS:
             argv += ["--dtl_cache_prefix_features", "true"]
         start = time.perf_counter()
         result = recipe.main(argv)
         plan = result["trainer"].stage_plan
-        return {
+        run = {
             "arch": arch, "mode": mode, "learning_rate": lr, "seed": seed, "split": split,
             "top1": result["eval"]["eval_top1"], "loss": result["eval"]["eval_loss"],
             "trainable_params": plan.partition.numel(plan.partition.trainable),
             "steps": sum(r.steps for r in result["trainer"].stage_records),
             "wall_seconds": time.perf_counter() - start,
         }  # fmt: skip
+        if mode.startswith("dyt"):
+            run.update(_inference_cost(result["trainer"]))
+        return run
+
+
+def _inference_cost(trainer: Any) -> dict[str, float]:
+    """DyT's measured keep rate on the evaluated split and its FLOPs per image (``FlopCounterMode``, 2 per
+    multiply-add) against the plain backbone's, both on that split's images in evaluation mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = trainer.model.eval()
+    dataset = trainer.eval_dataset
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+
+    def flops(forward: Any) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            forward(images)
+        return counter.get_total_flops()
+
+    dyt = flops(model)
+    keep = float(model.keep_rate())
+    plain = flops(model.get_base_model())
+    return {"keep_rate": keep, "flops_per_image": dyt / len(images), "plain_flops_per_image": plain / len(images)}
 
 
 def _run(runs_dir: Path, name: str, make: Any) -> dict[str, Any]:
@@ -130,6 +168,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "trainable_params": test[0]["trainable_params"] if test else None,
             "steps": test[0]["steps"] if test else None,
         }
+        if test and "keep_rate" in test[0]:
+            summary[key]["keep_rate"] = harness.mean_std([r["keep_rate"] for r in test])
+            summary[key]["flops_ratio"] = harness.mean_std(
+                [r["flops_per_image"] / r["plain_flops_per_image"] for r in test]
+            )
+            summary[key]["mflops_per_image"] = statistics.fmean(r["flops_per_image"] for r in test) / 1e6
     return summary
 
 
@@ -158,7 +202,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         lines += [f"## {arch}", ""]
         lines += harness.table(
-            ["mode", "test top-1", "seeds", "learning rate", "validation top-1 by rate", "trainable params", "steps"],
+            [
+                "mode",
+                "test top-1",
+                "seeds",
+                "learning rate",
+                "validation top-1 by rate",
+                "trainable params",
+                "steps",
+                "keep rate",
+                "FLOPs / plain",
+            ],
             [
                 [
                     mode,
@@ -168,6 +222,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                     ", ".join(f"{float(lr):g}: {v:.1f}" for lr, v in entry["validation_top1"].items()),
                     f"{entry['trainable_params']:,}",
                     entry["steps"],
+                    f"{entry['keep_rate'][0]:.3f} ± {entry['keep_rate'][1]:.3f}" if "keep_rate" in entry else "",
+                    f"{entry['flops_ratio'][0]:.3f} ({entry['mflops_per_image']:.2f} MFLOPs)"
+                    if "flops_ratio" in entry
+                    else "",
                 ]
                 for mode, entry in rows
             ],
@@ -218,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         backbone = pretrain(recipe, arch, source, work, s.pretrain_epochs, s.batch_size)
         pretrained[arch] = read_json(backbone.parent / "pretrain.json")["source_test_top1"]
         for mode in s.modes:
+            if arch not in ONLY_ON.get(mode, (arch,)):
+                continue
             for lr in s.learning_rates:
                 name = f"{arch}-{mode}-lr{lr:g}-val-seed0-e{s.epochs}"
                 runs.append(

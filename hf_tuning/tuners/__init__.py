@@ -8,7 +8,8 @@ Each method lives in ``hf_tuning/tuners/<method>/``: ``config.py`` (a validated 
 * the config base class: :mod:`hf_tuning.tuners.config`
 * how a method walks a timm / transformers backbone: :mod:`hf_tuning.tuners.backbones`
 
-Methods: ``dtl`` (DTL and DTL+, :mod:`hf_tuning.tuners.dtl`).
+Methods: ``dtl`` (DTL and DTL+, :mod:`hf_tuning.tuners.dtl`), ``dyt`` (Dynamic Tuning,
+:mod:`hf_tuning.tuners.dyt`).
 
 The tuners sit between the engine core and the application domains (``llm``, ``vision``,
 ``diffusion``): they import only the core, and the domains may import them.
@@ -30,6 +31,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "backbones": ("PetlBackboneError",),
         "config": ("PetlConfig", "PetlConfigError"),
         "dtl": ("DTLConfig", "DTLModel"),
+        "dyt": ("DyTConfig", "DyTModel"),
         "model": ("METHODS", "PetlModel", "get_petl_model", "load_petl_model"),
     },
     globals(),

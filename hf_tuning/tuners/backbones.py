@@ -136,6 +136,37 @@ class IsotropicForm(BackboneForm):
         weight_dtype = self._encoder.embeddings.patch_embeddings.projection.weight.dtype
         return self._encoder.embeddings(pixel_values.to(weight_dtype))
 
+    # A block in two halves, for methods that act between them (DyT gates the MLP half per token).
+    def attention_half(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The block's input plus its attention branch: the residual stream the MLP half reads."""
+        block = self.block(index)
+        if self.family == "timm_vit":
+            return x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+        return x + block.dropout(block.attention(block.layernorm_before(x), None)[0])
+
+    def mlp_branch(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The MLP branch alone (norm, MLP, layer scale, drop-path), on tokens of any leading shape."""
+        block = self.block(index)
+        if self.family == "timm_vit":
+            return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return block.dropout(block.mlp(block.layernorm_after(x)))
+
+    def check_two_halves(self, method: str) -> None:
+        """Refuse blocks that are not the plain pre-norm attention-then-MLP layout the halves assume."""
+        wanted = (
+            ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+            if self.family == "timm_vit"
+            else ("layernorm_before", "attention", "dropout", "layernorm_after", "mlp")
+        )
+        for index in range(self.depth):
+            block = self.block(index)
+            missing = [name for name in wanted if not hasattr(block, name)]
+            if missing or type(block).__name__ not in ("Block", "ViTLayer"):
+                raise PetlBackboneError(
+                    f"{method} needs plain attention-then-MLP blocks; {self.block_names[index]} is a "
+                    f"{type(block).__name__}{' without ' + ', '.join(missing) if missing else ''}"
+                )
+
     def logits(self, x: torch.Tensor, pooling: str) -> torch.Tensor:
         m = self.model
         if pooling == "patch_mean":

@@ -40,6 +40,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # Every method: its package under hf_tuning/tuners/, its config class and its model class.
 METHODS: dict[str, tuple[str, str, str]] = {
     "dtl": ("hf_tuning.tuners.dtl", "DTLConfig", "DTLModel"),
+    "dyt": ("hf_tuning.tuners.dyt", "DyTConfig", "DyTModel"),
 }
 
 
@@ -85,6 +86,11 @@ class PetlModel(nn.Module):
     def method_parameters(self) -> list[nn.Parameter]:
         """The parameters the method adds (not the head)."""
         raise NotImplementedError
+
+    def extra_loss(self, logits: torch.Tensor, labels: torch.Tensor, criterion: Any) -> torch.Tensor | None:
+        """The loss the method adds to the task loss for the last forward (``criterion(logits, labels)`` is the
+        task loss); ``None`` for methods that add none. Trainers call it right after the forward."""
+        return None
 
     def get_base_model(self) -> nn.Module:
         return self.base_model

@@ -35,6 +35,7 @@ _MODE_NAMES = {
     "adapter": "bottleneck-adapter fine-tune",
     "dtl": "DTL adapter",
     "dtl_plus": "DTL+ adapter",
+    "dyt": "DyT (Dynamic Tuning) adapter",
 }
 _LISTED_CLASSES = 20  # more class names than this would drown the intro
 

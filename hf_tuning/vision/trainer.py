@@ -62,11 +62,18 @@ class StagedImageClassificationTrainer(PetlCheckpointing, StagedTrainer):
     ) -> Any:
         labels = inputs["labels"]
         logits = logits_of(model(inputs["pixel_values"]))
-        if labels.dtype.is_floating_point:  # soft targets from mixup / cutmix
-            loss = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        else:
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
+        loss = self.classification_loss(logits, labels)
+        method = self._petl_model(model)
+        extra = method.extra_loss(logits, labels, self.classification_loss) if method is not None else None
+        if extra is not None:  # e.g. DyT's token-rate loss and distillation
+            loss = loss + extra
         return (loss, {"loss": loss, "logits": logits}) if return_outputs else loss
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against hard labels (with label smoothing) or soft targets from mixup / cutmix."""
+        if labels.dtype.is_floating_point:
+            return torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
 
     def _get_dataloader(self, dataset: Any, description: str, batch_size: int, *args: Any, **kwargs: Any):
         if kwargs.get("is_training") or self.eval_data_collator is None:

@@ -26,8 +26,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-TUNING_MODES = ("full", "lora", "adapter", "dtl", "dtl_plus")
-METHOD_MODES = ("dtl", "dtl_plus")  # modes served by hf_tuning.tuners (saved as adapter folders)
+TUNING_MODES = ("full", "lora", "adapter", "dtl", "dtl_plus", "dyt")
+METHOD_MODES = ("dtl", "dtl_plus", "dyt")  # modes served by hf_tuning.tuners (saved as adapter folders)
 
 
 @dataclass
@@ -38,7 +38,7 @@ class VisionTuningArguments:
         default="full",
         metadata={
             "help": "full (every weight), lora (PEFT LoRA), adapter (the paper's bottleneck), dtl or dtl_plus "
-            "(a side network beside the frozen backbone; hf_tuning.tuners).",
+            "(a side network beside the frozen backbone), dyt (token routing around each MLP; hf_tuning.tuners).",
             "choices": list(TUNING_MODES),
         },
     )
@@ -80,6 +80,13 @@ class VisionTuningArguments:
         },
     )
 
+    dyt_bottleneck: int = field(default=16, metadata={"help": "DyT: adapter bottleneck width."})
+    dyt_target_rate: float = field(default=0.5, metadata={"help": "DyT: fraction of patch tokens the MLPs process."})
+    dyt_distillation: bool = field(
+        default=False, metadata={"help": "DyT: also train the complete model and distil it into the gated one."}
+    )
+    dyt_num_experts: int = field(default=1, metadata={"help": "DyT: 1 = one adapter; more = the MoE adapter."})
+
     def __post_init__(self) -> None:
         if self.tuning_mode not in TUNING_MODES:
             raise ValueError(f"tuning_mode={self.tuning_mode!r} is not one of {', '.join(TUNING_MODES)}")
@@ -89,11 +96,19 @@ class VisionTuningArguments:
             self.method_config()  # a bad DTL setting fails here, before any weights load
 
     def method_config(self, base_model_name_or_path: str | None = None):
-        """The :mod:`hf_tuning.tuners` config of a method mode (``dtl``, ``dtl_plus``)."""
-        from hf_tuning.tuners import DTLConfig
+        """The :mod:`hf_tuning.tuners` config of a method mode (``dtl``, ``dtl_plus``, ``dyt``)."""
+        from hf_tuning.tuners import DTLConfig, DyTConfig
 
         if self.tuning_mode not in METHOD_MODES:
             raise ValueError(f"tuning_mode={self.tuning_mode!r} is not a hf_tuning.tuners method")
+        if self.tuning_mode == "dyt":
+            return DyTConfig(
+                bottleneck=self.dyt_bottleneck,
+                target_rate=self.dyt_target_rate,
+                distillation=self.dyt_distillation,
+                num_experts=self.dyt_num_experts,
+                base_model_name_or_path=base_model_name_or_path,
+            )
         return DTLConfig(
             rank=self.dtl_rank,
             kernel_size=self.dtl_kernel_size if self.tuning_mode == "dtl_plus" else 0,

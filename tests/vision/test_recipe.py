@@ -224,3 +224,23 @@ def test_dtl_run_resumes_exactly_from_its_adapter_checkpoint(digits, tmp_path):
     _recipe().main(_argv(digits, crashed, *common, "--resume_from_checkpoint", "true"))
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(crashed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dyt_trains_to_its_keep_rate_and_reloads_with_the_same_logits(digits, tmp_path):
+    """10 epochs on the digits: the measured keep rate of the evaluation path ends within 0.05 of the target."""
+    out = tmp_path / "vit-dyt"
+    result = _recipe().main(
+        _argv(digits, out, "--checkpoint", str(_vit_backbone(tmp_path)), "--tuning_mode", "dyt", "--dt_variant",
+              "ost", "--max_steps", "-1", "--num_train_epochs", "10", "--learning_rate", "3e-3", "--eval_split", "test")
+    )  # fmt: skip
+    trained = result["trainer"].model.eval()
+    dataset = result["trainer"].eval_dataset
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+    with torch.no_grad():
+        logits = trained(images)
+    assert abs(float(trained.keep_rate()) - 0.5) <= 0.05
+    assert json.loads((out / "adapter_config.json").read_text())["method"] == "dyt"
+    reloaded = load_trained_classifier(out)
+    assert reloaded.tuning_mode == "dyt"
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(images), logits)
