@@ -74,6 +74,17 @@ class PetlModel(nn.Module):
         self.petl_config = config
         self.adapter_names: tuple[str, ...] = ()
 
+    def _check_modules_to_save(self, names: list[str]) -> None:
+        """Every module the method is asked to train beside its own must exist (checked before any change)."""
+        for name in names:
+            try:
+                self.base_model.get_submodule(name)
+            except AttributeError:
+                raise PetlConfigError(
+                    f"{self.petl_config.method} modules_to_save names {name!r}, which "
+                    f"{type(self.base_model).__name__} lacks"
+                ) from None
+
     def _freeze_all_but_adapters(self, head_names: list[str]) -> None:
         """Call at the end of a method's ``__init__``: freeze everything except the method's modules and head."""
         method_params = {id(p) for p in self.method_parameters()}

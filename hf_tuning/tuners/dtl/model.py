@@ -68,13 +68,7 @@ class DTLModel(PetlModel):
                 tuple(_default_adds(form, self.map_blocks)) if max(self.map_blocks) < form.depth else ()
             )
         head_names = config.modules_to_save or form.head_names()
-        for name in head_names:
-            try:
-                base_model.get_submodule(name)
-            except AttributeError:
-                raise PetlConfigError(
-                    f"DTL modules_to_save names {name!r}, which {type(base_model).__name__} lacks"
-                ) from None
+        self._check_modules_to_save(head_names)
         self._check_blocks(form, config)
         self._check_prefix(form, config, head_names)  # every check before the backbone is touched
         self._form = form

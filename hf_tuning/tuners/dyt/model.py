@@ -42,13 +42,7 @@ class DyTModel(PetlModel):
         if config.bottleneck > width:
             raise PetlConfigError(f"DyT bottleneck {config.bottleneck} is larger than the width {width}")
         head_names = config.modules_to_save or form.head_names()
-        for name in head_names:
-            try:
-                base_model.get_submodule(name)
-            except AttributeError:
-                raise PetlConfigError(
-                    f"DyT modules_to_save names {name!r}, which {type(base_model).__name__} lacks"
-                ) from None
+        self._check_modules_to_save(head_names)
         reference = next(base_model.parameters())
         for index in range(form.depth):
             block = form.block(index)
