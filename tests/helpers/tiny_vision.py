@@ -91,3 +91,32 @@ class TrainEndSnapshots:
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+class TinyImages(torch.utils.data.Dataset):
+    """``n`` random 16x16 images with labels 0-4, as the image trainer's batches want them."""
+
+    def __init__(self, n: int = 24) -> None:
+        self.x, self.y = tiny_images("timm_vit", batch=n, seed=5), torch.arange(n) % 5
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def train_dt_stages(model: nn.Module, output_dir, variant: str = "dt1", steps: int = 2):
+    """Train ``model`` stage by stage on :class:`TinyImages`; returns the trainer and a snapshot per stage."""
+    from hf_tuning import StagedTrainingArguments
+    from hf_tuning.vision import StagedImageClassificationTrainer
+
+    args = StagedTrainingArguments(
+        output_dir=str(output_dir), dt_variant=variant, max_steps=steps, per_device_train_batch_size=8,
+        learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    snapshots = TrainEndSnapshots()
+    trainer = StagedImageClassificationTrainer(model=model, args=args, train_dataset=TinyImages())
+    trainer.add_callback(snapshots)
+    trainer.train()
+    return trainer, snapshots

@@ -21,7 +21,7 @@ from hf_tuning.tuners import (
 from hf_tuning.tuners.config import parse_block_indices
 from hf_tuning.vision import StagedImageClassificationTrainer
 from tests.helpers.fake_hub import FAKE_TOKEN, FakeHub
-from tests.helpers.tiny_vision import TIMM_KWARGS, TrainEndSnapshots, tiny_images, tiny_vision_model
+from tests.helpers.tiny_vision import TIMM_KWARGS, TinyImages, tiny_images, tiny_vision_model, train_dt_stages
 
 
 def _vit_b16(library: str = "timm"):
@@ -196,28 +196,10 @@ def test_feature_cache_is_refused_with_drop_path_in_front_of_it():
     get_petl_model(load_vision_model(VisionModelArguments(name, model_kwargs=dict(kwargs)), 5), DTLConfig())
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n: int = 24) -> None:
-        self.x, self.y = tiny_images("timm_vit", batch=n, seed=5), torch.arange(n) % 5
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
-
-
 def test_dt1_moves_exactly_the_active_stage_maps(tmp_path):
     petl = get_petl_model(tiny_vision_model("timm_vit"), DTLConfig(kernel_size=3))
     before = {n: p.detach().clone() for n, p in petl.named_parameters()}
-    args = StagedTrainingArguments(
-        output_dir=str(tmp_path), dt_variant="dt1", max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
-    snapshots = TrainEndSnapshots()
-    trainer = StagedImageClassificationTrainer(model=petl, args=args, train_dataset=_Images())
-    trainer.add_callback(snapshots)
-    trainer.train()
+    trainer, snapshots = train_dt_stages(petl, tmp_path)
     assert [r.steps for r in trainer.stage_records] == [2, 2, 2, 2]
     always = {"base_model.head.weight", "base_model.head.bias", "dtl_fuse.0.conv.weight"}
     for stage, snapshot in enumerate(snapshots.seen):
@@ -366,12 +348,12 @@ def test_the_saved_state_is_what_a_checkpoint_holds(tmp_path: Path):
         output_dir=str(tmp_path), dt_variant="ost", max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2,
         report_to=[], save_strategy="steps", save_steps=1, use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
-    trainer = StagedImageClassificationTrainer(model=petl, args=args, train_dataset=_Images())
+    trainer = StagedImageClassificationTrainer(model=petl, args=args, train_dataset=TinyImages())
     trainer.train()
     checkpoint = next(tmp_path.rglob("checkpoint-1"))
     assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
     fresh = get_petl_model(tiny_vision_model("timm_vit"), DTLConfig(kernel_size=3))
-    StagedImageClassificationTrainer(model=fresh, args=args, train_dataset=_Images())._load_from_checkpoint(
+    StagedImageClassificationTrainer(model=fresh, args=args, train_dataset=TinyImages())._load_from_checkpoint(
         str(checkpoint)
     )
     from safetensors.torch import load_file

@@ -7,12 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_tuning import StagedTrainingArguments
 from hf_tuning.tuners import DyTConfig, PetlBackboneError, PetlConfigError, get_petl_model, load_petl_model
 from hf_tuning.tuners.dyt.layer import MoEAdapter, token_gate
-from hf_tuning.vision import StagedImageClassificationTrainer
 from tests.helpers.fake_hub import FAKE_TOKEN, FakeHub
-from tests.helpers.tiny_vision import TrainEndSnapshots, tiny_images, tiny_vision_model
+from tests.helpers.tiny_vision import tiny_images, tiny_vision_model, train_dt_stages
 
 
 def _trained_looking(model, seed: int = 1) -> None:
@@ -139,19 +137,10 @@ def test_moe_experts_receive_distinct_gradients_and_cost_one_adapter_per_token()
 
 
 def test_dt1_moves_exactly_the_active_stage_routers_and_adapters(tmp_path):
-    from tests.tuners.test_dtl import _Images
-
     petl = get_petl_model(tiny_vision_model("timm_vit"), DyTConfig(adapter_dropout=0.0))
     _trained_looking(petl)
     before = {n: p.detach().clone() for n, p in petl.named_parameters()}
-    args = StagedTrainingArguments(
-        output_dir=str(tmp_path), dt_variant="dt1", max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
-    snapshots = TrainEndSnapshots()
-    trainer = StagedImageClassificationTrainer(model=petl, args=args, train_dataset=_Images())
-    trainer.add_callback(snapshots)
-    trainer.train()
+    trainer, snapshots = train_dt_stages(petl, tmp_path)
     method = {n for n in before if "dyt_" in n}
     for stage, snapshot in enumerate(snapshots.seen):
         moved = {n for n, p in snapshot.items() if not torch.equal(p, before[n])}
