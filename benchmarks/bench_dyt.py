@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import resource
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -231,36 +229,9 @@ def profile(run: Callable[[torch.Tensor], Any], x: torch.Tensor, cuda: bool) -> 
 # Timing
 # ---------------------------------------------------------------------------------------------
 def time_run(s: DyTBenchSettings, run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> dict[str, Any]:
-    """``warmup`` untimed forwards, then timed ones until ``iterations`` and ``min_time_s`` are both reached;
-    with the minor page faults per timed forward: glibc hands large tensors back to the kernel when freed, so a
-    big batch's activations are zero-filled pages again in every forward, which costs time outside the FLOPs."""
-
-    def sync() -> None:
-        if s.device == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(s.warmup):
-        run(x)
-    sync()
-    times, foreign, steal = [], [], []
-    faults, started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-    while len(times) < s.iterations or time.perf_counter() - started < s.min_time_s:
-        cpu0, t0 = harness.CpuSample.now(), time.perf_counter()
-        run(x)
-        sync()
-        times.append(time.perf_counter() - t0)
-        others, stolen = cpu0.foreign_cores(harness.CpuSample.now())
-        foreign.append(others)
-        steal.append(stolen)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return {
-        "step_times_s": times,
-        "step_foreign_cores": foreign,
-        "mean_step_s": sum(times) / len(times),
-        "minor_faults_per_forward": faults / len(times),
-        "foreign_cpu_cores": sum(foreign) / len(foreign),
-        "steal_cpu_cores": sum(steal) / len(steal),
-    }
+    """The timed forwards of one run (:func:`benchmarks.harness.time_forwards` with this benchmark's settings)."""
+    return harness.time_forwards(run, x, device=s.device, warmup=s.warmup, iterations=s.iterations,
+                                 min_time_s=s.min_time_s)  # fmt: skip
 
 
 def summarise(s: dict[str, Any], runs: list[dict[str, Any]], flops: list[dict[str, Any]]) -> dict[str, Any]:

@@ -52,10 +52,7 @@ highest, and DTL / LoRA ~0.4 either way (0.39, 0.41). ``saved`` (the graph alone
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +72,6 @@ MODEL = "vit_base_patch16_224"
 # a ViT small enough for a smoke test: 32x32 images in 8x8 patches, 4 blocks 64 wide
 QUICK_MODEL = "vit_tiny_patch16_224"
 QUICK_MODEL_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 64, "num_heads": 2}
-WORKER_OPTION = "--worker"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,93 +162,16 @@ def build_model(s: PetlBenchSettings, mode: str) -> torch.nn.Module:
     return prepare_for_tuning(model, tuning).to(s.device)
 
 
-def saved_activation_bytes(model: torch.nn.Module, loss_of: Any, existing: set[int]) -> int:
-    """Bytes of the storages autograd saves for backward in one forward, those in ``existing`` (parameters,
-    buffers, the batch: allocated before the peak was reset) left out. Unlike RSS this depends on the graph
-    alone, so it tells why one mode's rise is larger than another's."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in existing:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = loss_of()
-    del loss  # frees the graph and what it saved, without a backward
-    return sum(storages.values())
-
-
 def measure_mode(s: PetlBenchSettings, mode: str) -> dict[str, Any]:
     """Build, reset the peak, train ``warmup_steps + steps`` steps on one fixed batch, read the peaks."""
-    import torch.nn.functional as F  # noqa: N812
-
-    from hf_tuning.vision import logits_of
-
-    cuda = s.device == "cuda"
     t0 = time.perf_counter()
     model = build_model(s, mode)
-    model.train()
-    size = s.model_spec()[1].get("img_size", 224)
-    generator = torch.Generator().manual_seed(s.seed)
-    pixel_values = torch.randn(s.batch_size, 3, size, size, generator=generator).to(s.device)
-    labels = torch.randint(0, s.num_classes, (s.batch_size,), generator=generator).to(s.device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=s.learning_rate)
-
-    def loss_of() -> torch.Tensor:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-        with autocast:
-            logits = logits_of(model(pixel_values))
-        return F.cross_entropy(logits.float(), labels)
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
     build_s = time.perf_counter() - t0
-    cuda_before = torch.cuda.memory_allocated() if cuda else None
-    rss_before = harness.reset_peak_memory(s.device)
-    times, foreign, steal, losses = [], [], [], []
-    for _ in range(s.warmup_steps + s.steps):
-        sync()
-        cpu0, start = harness.CpuSample.now(), time.perf_counter()
-        loss = loss_of()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        times.append(time.perf_counter() - start)
-        others, stolen = cpu0.foreign_cores(harness.CpuSample.now())
-        foreign.append(others)
-        steal.append(stolen)
-        losses.append(loss.item())
-        del loss
-    peak = harness.peak_rss()
-    cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
-
-    existing = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), pixel_values, labels]}
-    saved = saved_activation_bytes(model, loss_of, existing)
-    w = s.warmup_steps
-    result: dict[str, Any] = {
-        "trainable_params": sum(p.numel() for p in trainable),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "build_s": build_s,
-        "rss_before_bytes": rss_before,
-        "peak_rss_bytes": peak,
-        "peak_rise_bytes": peak - rss_before,
-        "cuda_allocated_before_bytes": cuda_before,
-        "cuda_max_allocated_bytes": cuda_peak,
-        "cuda_peak_rise_bytes": None if cuda_peak is None else cuda_peak - cuda_before,
-        "saved_activation_bytes": saved,
-        "warmup_times_s": times[:w],
-        "step_times_s": times[w:],
-        "step_foreign_cores": foreign[w:],
-        "foreign_cpu_cores": sum(foreign[w:]) / len(foreign[w:]),
-        "steal_cpu_cores": sum(steal[w:]) / len(steal[w:]),
-        "losses": losses,
-    }
+    measured = harness.measure_classifier_training(
+        model, batch_size=s.batch_size, img_size=s.model_spec()[1].get("img_size", 224), num_classes=s.num_classes,
+        seed=s.seed, device=s.device, learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, steps=s.steps,
+    )  # fmt: skip
+    result: dict[str, Any] = {**measured, "build_s": build_s}
     if hasattr(model, "map_blocks"):  # a DTL model: where its side network reads and writes back
         result["dtl_map_blocks"] = list(model.map_blocks)
         result["dtl_add_after_blocks"] = list(model.add_after_blocks)
@@ -269,24 +188,6 @@ def worker_main(s: PetlBenchSettings, mode: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # The parent
 # ---------------------------------------------------------------------------------------------
-def run_worker(s: PetlBenchSettings, argv: list[str], mode: str, rep: int) -> dict[str, Any]:
-    """One run of ``mode`` in a fresh process with the parent's settings and thread count."""
-    command = [sys.executable, "-m", MODULE, *argv, "--threads", str(s.threads), WORKER_OPTION, mode]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(harness.ROOT), os.environ.get("PYTHONPATH")])),
-        "OMP_NUM_THREADS": str(s.threads),
-        "HF_HUB_OFFLINE": "1",
-    }
-    launched = time.perf_counter()
-    completed = subprocess.run(command, cwd=harness.ROOT, env=env, capture_output=True, text=True, check=False)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"the {mode} worker failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
-    wall_s = time.perf_counter() - launched
-    return {"mode": mode, "rep": rep, "launched_at": launched, "wall_s": wall_s, **json.loads(lines[-1])}
-
-
 def summarise(s: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per mode: memory (max over repetitions) and pooled step times, each with its ratios to LoRA and full;
     the memory target of the DTL modes."""
@@ -483,9 +384,8 @@ def _progress(run: dict[str, Any], _waited: float) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every mode in palindromic order, each in a fresh process; analyse; write the JSON and markdown."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if WORKER_OPTION in argv:
-        at = argv.index(WORKER_OPTION)
-        mode, rest = argv[at + 1], argv[:at] + argv[at + 2 :]
+    mode, rest = harness.worker_mode(argv)
+    if mode is not None:
         worker_main(harness.parse_settings(PetlBenchSettings, rest, __doc__), mode)
         return {}
     s = harness.parse_settings(PetlBenchSettings, argv, __doc__)
@@ -493,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with harness.benchmark_session(s, MODULE, argv) as bench:
         print(f"[bench] {len(schedule)} runs on {s.device}, {s.threads} threads", flush=True)
         with ThreadPoolExecutor(max_workers=s.concurrent_runs) as pool:  # 1: one after the other, in order
-            futures = [pool.submit(run_worker, s, argv, mode, rep) for mode, rep in schedule]
+            futures = [pool.submit(harness.run_worker, MODULE, argv, s.threads, mode, rep) for mode, rep in schedule]
             for future in futures:
                 run = bench.measure(_progress, future.result)
                 run["start_s"] = run.pop("launched_at") - bench.started  # when it started, not when it was awaited

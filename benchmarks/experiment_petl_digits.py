@@ -1,4 +1,5 @@
-"""Which tuning mode transfers best? DTL, DTL+ and DyT against LoRA, the adapter and full fine-tuning on real digits.
+"""Which tuning mode transfers best? Every mode of the image recipe on real digits: full fine-tuning, LoRA, the
+adapter, DTL, DTL+, DyT, SNELL and SNELLA, each with ``ost`` and under the best DT variant.
 
 The setting of the staged-tuning digits experiment (``benchmarks/experiment_vision_digits.py``): a small
 ViT and a small Swin are pretrained from scratch on scikit-learn's digits 0-4 (the same pretraining code
@@ -14,13 +15,22 @@ One protocol for every mode, fixed before any run:
    stochastic depth (the architecture's default: none for the ViT, 0.1 for the Swin) everywhere. On the
    ViT, DTL's prefix-feature cache is on: it is exact there and only saves time.
 
+4. the DT rows (``--dt-variant``, default ``dt2`` with the ``split`` budget: the best DT variant of the
+   staged-tuning digits experiment at the same number of steps as ``ost``) reuse each mode's ``ost`` rate;
+   DTL on the Swin has none (its maps sit in the last two stages, so ``dt2``'s first stage has nothing to train).
+
 DyT (with and without distillation; it has no Swin form) also records its measured keep rate and its FLOPs per
-image against the plain backbone's, on the scored split. Every run goes through
+image against the plain backbone's, on the scored split. Per arch and mode, one more run (seed 0, test, ``ost``,
+the same as the scored one) measures what the mode costs: the training memory it adds (the bytes autograd saves
+for backward in one forward of a training batch, plus gradients and AdamW's two moments of the trainable
+parameters, fp32) and the inference throughput of the trained model in the form one deploys (LoRA and SNELL
+merged into the weights, DyT's efficient path) against a plain backbone of the same architecture timed in the
+same process. Every run goes through
 ``recipes/image_classification_dt.py``; finished runs are kept as JSON under
 ``<output-dir>/experiment_petl/`` and skipped on a rerun. Results: ``<output-dir>/experiment_petl_digits.
 {json,md,png}``. Run it as a module from the repository root:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiment_petl_digits            # ~15 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiment_petl_digits            # ~1 h on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.experiment_petl_digits --quick    # smoke test
 """
 
@@ -61,8 +71,13 @@ MODES: dict[str, list[str]] = {  # each mode's recipe settings; the learning rat
         "--dyt_distillation",
         "true",
     ],
+    "snell": ["--tuning_mode", "snell", "--snell_rank", "8"],
+    "snella": ["--tuning_mode", "snella", "--snell_rank", "8"],
 }
 ONLY_ON = {"dyt": ("vit",), "dyt_distill": ("vit",)}  # DyT has no Swin form
+# DTL's default maps on a Swin sit in its last two stages only: dt2's first group (stage 0) would train nothing,
+# which the engine refuses, so the staged rows skip it there
+NO_DT_ON = {"dtl": ("swin",), "dtl_plus": ("swin",)}
 # DTL's prefix-feature cache (exact, only faster) where nothing random runs in front of it: the ViT has no
 # drop-path, while the Swin keeps timm's default 0.1 in every mode (one protocol), which the cache refuses.
 CACHE_ARCHS = ("vit",)
@@ -81,6 +96,13 @@ class PetlExperimentSettings:
     learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
     modes: list[str] = field(default_factory=lambda: list(MODES))
+    dt_variant: str = field(default="dt2", metadata={"help": "the DT variant of the staged rows ('' for none)"})
+    dt_budget: str = field(default="split", metadata={"help": "its budget: split (ost's steps) or per_stage"})
+    dt_modes: list[str] = field(
+        default_factory=lambda: [m for m in MODES if m != "dyt_distill"],
+        metadata={"help": "the modes also run under --dt-variant"},
+    )
+    cost_batch: int = field(default=64, metadata={"help": "images per forward when timing inference"})
     work_dir: str = str(harness.ROOT / "outputs/experiment_vision_digits")
     output_dir: str = str(harness.ROOT / "benchmarks/results")
     quick: bool = field(default=False, metadata={"help": "1 seed, 1 epoch, 1 rate, ViT only: a smoke test"})
@@ -88,17 +110,22 @@ class PetlExperimentSettings:
     def __post_init__(self) -> None:
         self.archs = harness.comma_list(self.archs, list(ARCHS), "--archs")
         self.modes = harness.comma_list(self.modes, list(MODES), "--modes")
+        self.dt_modes = [m for m in harness.comma_list(self.dt_modes, list(MODES), "--dt-modes") if m in self.modes]
+        if self.dt_budget not in ("split", "per_stage"):
+            raise ValueError(f"--dt-budget must be split or per_stage, got {self.dt_budget!r}")
         if self.quick:
             self.seeds, self.epochs, self.pretrain_epochs = self.seeds[:1], 1, 1
             self.learning_rates, self.archs = self.learning_rates[-1:], self.archs[:1]
 
 
 def transfer(recipe: Any, arch: str, mode: str, lr: float, seed: int, split: str, s: PetlExperimentSettings,
-             target: Path, backbone: Path) -> dict[str, Any]:  # fmt: skip
-    """One transfer run, scored on ``split`` (val or test) at its final epoch."""
+             target: Path, backbone: Path, variant: str = "ost", costs: bool = False) -> dict[str, Any]:  # fmt: skip
+    """One transfer run, scored on ``split`` (val or test) at its final epoch; with ``costs``, also what the
+    trained mode costs in training memory and inference speed."""
     with tempfile.TemporaryDirectory() as tmp:
         argv = _common_argv(arch, target, Path(tmp), seed=seed, batch_size=s.batch_size)
-        argv += ["--eval_split", split, "--checkpoint", str(backbone), "--dt_variant", "ost"]
+        argv += ["--eval_split", split, "--checkpoint", str(backbone), "--dt_variant", variant]
+        argv += ["--dt_budget", s.dt_budget] if variant != "ost" else []
         argv += ["--num_train_epochs", str(s.epochs), "--learning_rate", str(lr), *MODES[mode]]
         if mode.startswith("dtl") and arch in CACHE_ARCHS:
             argv += ["--dtl_cache_prefix_features", "true"]
@@ -106,7 +133,7 @@ def transfer(recipe: Any, arch: str, mode: str, lr: float, seed: int, split: str
         result = recipe.main(argv)
         plan = result["trainer"].stage_plan
         run = {
-            "arch": arch, "mode": mode, "learning_rate": lr, "seed": seed, "split": split,
+            "arch": arch, "mode": mode, "variant": variant, "learning_rate": lr, "seed": seed, "split": split,
             "top1": result["eval"]["eval_top1"], "loss": result["eval"]["eval_loss"],
             "trainable_params": plan.partition.numel(plan.partition.trainable),
             "steps": sum(r.steps for r in result["trainer"].stage_records),
@@ -114,7 +141,50 @@ def transfer(recipe: Any, arch: str, mode: str, lr: float, seed: int, split: str
         }  # fmt: skip
         if mode.startswith("dyt"):
             run.update(_inference_cost(result["trainer"]))
+        if costs:
+            run.update(_costs(result["trainer"], arch, s.cost_batch))
         return run
+
+
+def _costs(trainer: Any, arch: str, batch: int) -> dict[str, float]:
+    """Training memory the mode adds and its inference throughput (deployable form) against a plain backbone."""
+    import timm
+    import torch.nn.functional as F  # noqa: N812
+
+    from hf_tuning.vision import logits_of
+
+    model = trainer.model
+    train = trainer.train_dataset
+    x = torch.stack([train[i]["pixel_values"] for i in range(trainer.args.per_device_train_batch_size)])
+    y = torch.stack([torch.as_tensor(train[i]["labels"]) for i in range(len(x))])
+    model.train()
+    existing = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x, y]}
+    saved = harness.saved_activation_bytes(lambda: F.cross_entropy(logits_of(model(x)), y), existing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.eval()
+    if hasattr(model, "merge"):  # SNELL
+        model.merge()
+    elif hasattr(model, "merge_adapter"):  # PEFT LoRA
+        model.merge_adapter()
+    evaluated = trainer.eval_dataset
+    images = torch.stack([evaluated[i % len(evaluated)]["pixel_values"] for i in range(batch)])
+    spec = ARCHS[arch]
+    plain = timm.create_model(spec["model_name_or_path"], num_classes=5, **spec["model_kwargs"]).eval()
+    speed = {}
+    for (label, net), _ in harness.palindrome([("plain", plain), ("model", model)], repeats=2):
+
+        def run(images: torch.Tensor, net: Any = net) -> Any:
+            with torch.no_grad():
+                return logits_of(net(images))
+
+        timed = harness.time_forwards(run, images, device="cpu", warmup=1, iterations=3, min_time_s=0.0)
+        speed.setdefault(label, []).extend(timed["step_times_s"])
+    return {
+        "saved_activation_bytes": saved,
+        "gradient_and_optimizer_bytes": 3 * 4 * trainable,
+        "images_per_s": batch * len(speed["model"]) / sum(speed["model"]),
+        "plain_images_per_s": batch * len(speed["plain"]) / sum(speed["plain"]),
+    }
 
 
 def _inference_cost(trainer: Any) -> dict[str, float]:
@@ -147,17 +217,25 @@ def _run(runs_dir: Path, name: str, make: Any) -> dict[str, Any]:
     return run
 
 
+def _key(run: dict[str, Any]) -> str:
+    """``arch/mode`` for ``ost`` runs, ``arch/mode@variant`` for the staged ones."""
+    variant = run.get("variant", "ost")
+    return f"{run['arch']}/{run['mode']}" + ("" if variant == "ost" else f"@{variant}")
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per ``arch/mode``: the rate chosen on validation, the test top-1 of every seed, mean and std (None
-    before any test run: the experiment asks for the chosen rate first)."""
+    """Per ``arch/mode`` (and ``arch/mode@variant``): the rate chosen on the ``ost`` validation runs, the test
+    top-1 of every seed at that rate, mean and std (None before any test run: the experiment asks for the
+    chosen rate first), and the mode's measured costs where its cost run exists."""
     summary: dict[str, dict[str, Any]] = {}
-    for key in sorted({f"{r['arch']}/{r['mode']}" for r in runs}):
-        arch, mode = key.split("/")
-        val = {r["learning_rate"]: r["top1"] for r in runs if (r["arch"], r["mode"], r["split"]) == (arch, mode, "val")}
+    scored = [r for r in runs if "kind" not in r]
+    for key in sorted({_key(r) for r in scored}):
+        arch, mode = key.split("@")[0].split("/")
+        val = {r["learning_rate"]: r["top1"] for r in scored if _key(r) == f"{arch}/{mode}" and r["split"] == "val"}
+        if not val:
+            continue
         chosen = max(val, key=lambda lr: (val[lr], -lr))  # ties: the smaller rate
-        test = [
-            r for r in runs if (r["arch"], r["mode"], r["split"], r["learning_rate"]) == (arch, mode, "test", chosen)
-        ]
+        test = [r for r in scored if _key(r) == key and r["split"] == "test" and r["learning_rate"] == chosen]
         mean, std = harness.mean_std([r["top1"] for r in test]) if test else (None, None)
         summary[key] = {
             "validation_top1": {str(lr): v for lr, v in sorted(val.items())},
@@ -174,12 +252,39 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 [r["flops_per_image"] / r["plain_flops_per_image"] for r in test]
             )
             summary[key]["mflops_per_image"] = statistics.fmean(r["flops_per_image"] for r in test) / 1e6
+        cost = next((r for r in runs if r.get("kind") == "costs" and _key(r) == f"{arch}/{mode}"), None)
+        if cost is not None:
+            summary[key]["training_memory_bytes"] = (
+                cost["saved_activation_bytes"] + cost["gradient_and_optimizer_bytes"]
+            )
+            summary[key]["images_per_s"] = cost["images_per_s"]
+            summary[key]["throughput_to_plain"] = cost["images_per_s"] / cost["plain_images_per_s"]
     return summary
+
+
+def _row_keys(summary: dict[str, dict[str, Any]], arch: str) -> list[str]:
+    """The scored rows of ``arch`` in table order: every mode, its DT row right after it."""
+    keys = []
+    for mode in MODES:
+        keys += [k for k in summary if k.split("@")[0] == f"{arch}/{mode}" and summary[k]["top1"]]
+    return keys
+
+
+def _label(key: str) -> str:
+    mode, _, variant = key.split("/")[1].partition("@")
+    return f"{mode} + {variant}" if variant else mode
+
+
+def _cost_cells(entry: dict[str, Any], key: str) -> list[str]:
+    if "@" in key or "training_memory_bytes" not in entry:
+        return ["", ""]
+    return [f"{entry['training_memory_bytes'] / harness.MIB:.1f}", f"{entry['throughput_to_plain']:.2f}"]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report's markdown: a function of its saved JSON."""
     meta, summary = report["meta"], report["summary"]
+    staged = f"`{meta['dt_variant']}` ({meta['dt_budget']} budget)" if meta.get("dt_variant") else "none"
     lines = [
         "# Tuning modes on real images: digits 0-4 -> 5-9",
         "",
@@ -188,7 +293,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "no augmentation. Each mode's learning rate was chosen from "
         f"{', '.join(f'{lr:g}' for lr in meta['learning_rates'])} by validation top-1 (seed 0); the score is top-1 (%) "
         f"at the final epoch on the held-out test split ({meta['target_test_images']} images), mean ± std over "
-        f"{meta['seeds']} seeds.",
+        f"{meta['seeds']} seeds. Staged rows: {staged}, at the mode's `ost` rate (none for DTL on the Swin, whose "
+        "maps sit in its last two stages: the variant's first stage would have nothing to train).",
+        "",
+        "Costs (one run per arch and mode, `ost`): *training memory* = bytes autograd saves for backward in one "
+        f"forward of a batch of {meta['batch_size']} plus gradients and AdamW's two moments of the trainable "
+        "parameters (fp32); *throughput / plain* = images per second of the trained model in its deployed form "
+        "(LoRA and SNELL merged into the weights, DyT's efficient path) over a plain backbone of the same "
+        f"architecture, timed in the same process at batch {meta.get('cost_batch', 64)} (CPU, noisy to a few %).",
         "",
         "Source-task test top-1 of the pretrained backbones: "
         + ", ".join(f"{a} {v:.1f}" for a, v in report["pretrained"].items()),
@@ -196,41 +308,45 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`",
         "",
     ]
-    for arch in ARCHS:
-        rows = [(m, summary[f"{arch}/{m}"]) for m in MODES if summary.get(f"{arch}/{m}", {}).get("top1")]
-        if not rows:
-            continue
+    archs = [a for a in ARCHS if _row_keys(summary, a)]
+    if archs:
+        lines += ["## All modes", ""]
+        header = ["mode"]
+        for arch in archs:
+            header += [f"{arch} top-1", f"{arch} params", f"{arch} train memory (MiB)", f"{arch} throughput / plain"]
+        rows = []
+        labels = list(dict.fromkeys(_label(k) for a in archs for k in _row_keys(summary, a)))
+        for label in labels:
+            row = [label]
+            for arch in archs:
+                key = next((k for k in _row_keys(summary, arch) if _label(k) == label), None)
+                if key is None:
+                    row += ["", "", "", ""]
+                    continue
+                entry = summary[key]
+                row += [f"{entry['mean']:.2f} ± {entry['std']:.2f}", f"{entry['trainable_params']:,}"]
+                row += _cost_cells(entry, key)
+            rows.append(row)
+        lines += [*harness.table(header, rows), ""]
+    for arch in archs:
         lines += [f"## {arch}", ""]
-        lines += harness.table(
-            [
-                "mode",
-                "test top-1",
-                "seeds",
-                "learning rate",
-                "validation top-1 by rate",
-                "trainable params",
-                "steps",
-                "keep rate",
-                "FLOPs / plain",
-            ],
-            [
-                [
-                    mode,
-                    f"**{entry['mean']:.2f} ± {entry['std']:.2f}**",
-                    ", ".join(f"{v:.1f}" for v in entry["top1"]),
-                    f"{entry['learning_rate']:g}",
-                    ", ".join(f"{float(lr):g}: {v:.1f}" for lr, v in entry["validation_top1"].items()),
-                    f"{entry['trainable_params']:,}",
-                    entry["steps"],
-                    f"{entry['keep_rate'][0]:.3f} ± {entry['keep_rate'][1]:.3f}" if "keep_rate" in entry else "",
-                    f"{entry['flops_ratio'][0]:.3f} ({entry['mflops_per_image']:.2f} MFLOPs)"
-                    if "flops_ratio" in entry
-                    else "",
-                ]
-                for mode, entry in rows
-            ],
-        )
-        lines.append("")
+        header = ["mode", "test top-1", "seeds", "learning rate", "validation top-1 by rate", "trainable params",
+                  "steps", "keep rate", "FLOPs / plain"]  # fmt: skip
+        rows = []
+        for key in _row_keys(summary, arch):
+            entry = summary[key]
+            rows.append([
+                _label(key),
+                f"**{entry['mean']:.2f} ± {entry['std']:.2f}**",
+                ", ".join(f"{v:.1f}" for v in entry["top1"]),
+                f"{entry['learning_rate']:g}",
+                ", ".join(f"{float(lr):g}: {v:.1f}" for lr, v in entry["validation_top1"].items()) if "@" not in key else "",
+                f"{entry['trainable_params']:,}",
+                entry["steps"],
+                f"{entry['keep_rate'][0]:.3f} ± {entry['keep_rate'][1]:.3f}" if "keep_rate" in entry else "",
+                f"{entry['flops_ratio'][0]:.3f} ({entry['mflops_per_image']:.2f} MFLOPs)" if "flops_ratio" in entry else "",
+            ])  # fmt: skip
+        lines += [*harness.table(header, rows), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -240,19 +356,21 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    archs = [a for a in ARCHS if any(k.startswith(f"{a}/") for k in summary)]
-    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 3.8), squeeze=False)
-    for ax, arch in zip(axes[0], archs):
-        modes = [m for m in MODES if summary.get(f"{arch}/{m}", {}).get("top1")]
-        entries = [summary[f"{arch}/{m}"] for m in modes]
-        ax.bar(range(len(modes)), [e["mean"] for e in entries], yerr=[e["std"] for e in entries], capsize=4,
-               color="tab:blue", alpha=0.8)  # fmt: skip
+    archs = [a for a in ARCHS if _row_keys(summary, a)]
+    fig, axes = plt.subplots(len(archs), 1, figsize=(12, 3.8 * len(archs)), squeeze=False)
+    for ax, arch in zip(axes[:, 0], archs):
+        keys = _row_keys(summary, arch)
+        entries = [summary[k] for k in keys]
+        colors = ["tab:orange" if "@" in k else "tab:blue" for k in keys]
+        ax.bar(range(len(keys)), [e["mean"] for e in entries], yerr=[e["std"] for e in entries], capsize=3,
+               color=colors, alpha=0.85)  # fmt: skip
         for i, entry in enumerate(entries):
-            ax.text(i, 2, f"{entry['trainable_params']:,}\nparams", ha="center", va="bottom", fontsize=7, color="white")
-        ax.set_xticks(range(len(modes)), modes)
+            ax.text(i, 2, f"{entry['trainable_params']:,}", ha="center", va="bottom", fontsize=6, color="white",
+                    rotation=90)  # fmt: skip
+        ax.set_xticks(range(len(keys)), [_label(k) for k in keys], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_ylabel("target test top-1 (%)")
-        ax.set_title(f"{arch}: digits 0-4 -> 5-9")
+        ax.set_title(f"{arch}: digits 0-4 -> 5-9 (blue: ost; orange: staged; numbers: trainable parameters)")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -290,6 +408,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs.append(
                     _run(runs_dir, name, partial(transfer, recipe, arch, mode, lr, seed, "test", s, target, backbone))
                 )
+            name = f"{arch}-{mode}-lr{lr:g}-costs-e{s.epochs}"
+            cost = partial(transfer, recipe, arch, mode, lr, 0, "test", s, target, backbone, costs=True)
+            runs.append({**_run(runs_dir, name, cost), "kind": "costs"})
+            if s.dt_variant and mode in s.dt_modes and arch not in NO_DT_ON.get(mode, ()):
+                for seed in s.seeds:
+                    name = f"{arch}-{mode}-{s.dt_variant}-{s.dt_budget}-lr{lr:g}-test-seed{seed}-e{s.epochs}"
+                    make = partial(transfer, recipe, arch, mode, lr, seed, "test", s, target, backbone, s.dt_variant)
+                    runs.append(_run(runs_dir, name, make))
     import timm
 
     meta = {
@@ -302,6 +428,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": len(s.seeds),
         "archs_config": {a: ARCHS[a] for a in s.archs},
         "modes_config": {m: MODES[m] for m in s.modes},
+        "dt_modes": s.dt_modes,
     }
     summary = summarise(runs)
     report = {"meta": meta, "pretrained": pretrained, "summary": summary, "runs": runs}

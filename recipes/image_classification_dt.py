@@ -15,7 +15,8 @@ line (``--dt_variant dt4 --tuning_mode lora``). The steps:
 5. save the weights with ``vision_config.json`` (``eval/evaluate_vision.py`` reloads from it) and a
    model card (``README.md``).
 
-``--tuning_mode`` is full, lora, adapter, dtl, dtl_plus or dyt (the last three: :mod:`hf_tuning.tuners`).
+``--tuning_mode`` is full, lora, adapter, dtl, dtl_plus, dyt, snell or snella (the last five:
+:mod:`hf_tuning.tuners`).
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ MODE_SETTINGS = {
     "dtl": ("dtl_rank", "dtl_map_blocks", "dtl_add_after_blocks"),
     "dtl_plus": ("dtl_rank", "dtl_kernel_size", "dtl_map_blocks", "dtl_add_after_blocks"),
     "dyt": ("dyt_bottleneck", "dyt_target_rate", "dyt_distillation", "dyt_num_experts"),
+    "snell": ("snell_rank", "snell_sparsity"),
+    "snella": ("snell_rank", "snell_sparsity", "snella_target_sparsity"),
 }
 
 

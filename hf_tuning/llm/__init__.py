@@ -1,6 +1,7 @@
 """Staged tuning of language models: the TRL trainer and what an SFT recipe needs around it.
 
 * the trainer and its config (``trl.SFTTrainer`` + the staged engine): :mod:`hf_tuning.llm.sft`
+* what a run trains (LoRA, or SNELL / SNELLA from :mod:`hf_tuning.tuners`): :mod:`hf_tuning.llm.tuning`
 * loading a causal LM and its tokenizer from the Hub, a folder or a GGUF file: :mod:`hf_tuning.llm.loading`
 * training chat templates with ``{% generation %}`` markers: :mod:`hf_tuning.llm.chat_templates`
 * model cards of finished runs: :mod:`hf_tuning.llm.model_card`
@@ -17,6 +18,12 @@ __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "sft": ("StagedSFTConfig", "StagedSFTTrainer"),
+        "tuning": (
+            "LlmTuningArguments",
+            "TuningCombinationError",
+            "build_method_model",
+            "check_tuning_combination",
+        ),
         "loading": ("ModelNotFoundError", "ModelSource", "load_causal_lm", "load_tokenizer", "resolve_model_source"),
         "chat_templates": (
             "ChatTemplateError",

@@ -2,8 +2,8 @@
 
 What is LLM-specific lives here: the ``text-generation`` pipeline tag, the ``trl``/``sft`` tags, the
 training chat template and how its text differs from the base model's stock template
-(``docs/chat_templates.md``), and the PEFT loading snippet. Rendering, the stage table, the results
-section and their later updates are the core's.
+(``docs/chat_templates.md``), and the loading snippet (PEFT for LoRA, ``hf_tuning.tuners`` for a method
+such as SNELL). Rendering, the stage table, the results section and their later updates are the core's.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hf_tuning.model_card import CARD_FILE, HF_TUNING_LINK
 from hf_tuning.records import StageRecord
 from hf_tuning.stages import StagePlan
 
-__all__ = ["render_model_card", "write_model_card", "update_eval_results", "CARD_FILE"]
+__all__ = ["render_model_card", "write_model_card", "update_eval_results", "method_usage", "CARD_FILE"]
 
 _TASK = {"pipeline_tag": "text-generation", "task_type": "text-generation", "dataset_type": "instruction-following"}
 _NO_RESULTS = "No evaluation has been run yet (`python eval/evaluate_sft.py --base_model ... --adapter <this folder>`)."
@@ -38,22 +38,31 @@ def render_model_card(
     dataset_description: str = "",
     eval_results: Mapping[str, float] | None = None,
     eval_dataset_name: str = "held-out data",
-    library_name: str = "peft",
+    library_name: str | None = None,
     license: str | None = None,
     tags: Sequence[str] = (),
     usage: str = "",
     chat_template: str | None = None,
     chat_template_difference: str | None = None,
+    method: str | None = None,
 ) -> str:
     """The card of a finished staged run: its plan, what every stage did, results and how to load it.
+
+    ``method`` names the :mod:`hf_tuning.tuners` method the run trained (``snell``, ``snella``): the card then
+    calls it a method adapter, its library is ``hf_tuning`` and its usage loads it with
+    ``hf_tuning.tuners.load_petl_model``. Without it the run is a LoRA adapter loaded with PEFT
+    (``library_name`` defaults to ``peft``).
 
     ``chat_template`` is the name :func:`~hf_tuning.llm.chat_templates.apply_training_chat_template` returned:
     the card says which training template was used and how its text differs from the stock one, and
     ``chat_template_difference`` (from :func:`~hf_tuning.llm.chat_templates.compare_with_stock`) what was
     measured against the base model's own template.
     """
+    if library_name is None:
+        library_name = "hf_tuning" if method else "peft"
+    what = f"{method.upper()} adapter" if method else "LoRA adapter" if library_name == "peft" else "fine-tune"
     intro = (
-        f"A {'LoRA adapter' if library_name == 'peft' else 'fine-tune'} of [{base_model}]"
+        f"A {what} of [{base_model}]"
         f"(https://huggingface.co/{base_model}) trained with staged subspace tuning "
         f"(Diffusion Tuning **{stage_plan.variant.upper()}**) by {HF_TUNING_LINK}."
     )
@@ -76,7 +85,7 @@ def render_model_card(
         stage_records=stage_records,
         dt_budget=dt_budget,
         hyperparameters=hyperparameters,
-        usage=usage or _default_usage(base_model),
+        usage=usage or (method_usage(base_model, method) if method else _default_usage(base_model)),
         paragraphs=paragraphs,
         tags=("trl", "sft", *tags),
         datasets=datasets,
@@ -117,4 +126,20 @@ def _default_usage(base_model: str) -> str:
         'model = PeftModel.from_pretrained(base, "<this repo or folder>")\n'
         'tokenizer = AutoTokenizer.from_pretrained("<this repo or folder>")  # carries the chat template\n'
         "```"
+    )
+
+
+def method_usage(base_model: str, method: str) -> str:
+    """How to load a :mod:`hf_tuning.tuners` adapter folder (SNELL...) on its base model and generate with it."""
+    return (
+        "```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        "from hf_tuning.tuners import load_petl_model\n\n"
+        f'base = AutoModelForCausalLM.from_pretrained("{base_model}", dtype="auto")\n'
+        f'model = load_petl_model(base, "<this repo or folder>")  # reads adapter_config.json (method {method})\n'
+        "model.merge()  # optional: fold the deltas into the weights, then it runs at the base model's speed\n"
+        'tokenizer = AutoTokenizer.from_pretrained("<this repo or folder>")  # carries the chat template\n'
+        "```\n\n"
+        f"PEFT cannot load this folder: `{method}` is not one of PEFT's methods. "
+        "`python eval/evaluate_sft.py --base_model ... --adapter <this folder>` reads it too."
     )

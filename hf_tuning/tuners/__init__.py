@@ -9,7 +9,7 @@ Each method lives in ``hf_tuning/tuners/<method>/``: ``config.py`` (a validated 
 * how a method walks a timm / transformers backbone: :mod:`hf_tuning.tuners.backbones`
 
 Methods: ``dtl`` (DTL and DTL+, :mod:`hf_tuning.tuners.dtl`), ``dyt`` (Dynamic Tuning,
-:mod:`hf_tuning.tuners.dyt`).
+:mod:`hf_tuning.tuners.dyt`), ``snell`` and ``snella`` (kernelized sparse tuning, :mod:`hf_tuning.tuners.snell`).
 
 The tuners sit between the engine core and the application domains (``llm``, ``vision``,
 ``diffusion``): they import only the core, and the domains may import them.
@@ -32,6 +32,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "config": ("PetlConfig", "PetlConfigError"),
         "dtl": ("DTLConfig", "DTLModel"),
         "dyt": ("DyTConfig", "DyTModel"),
+        "snell": ("SNELLConfig", "SNELLAConfig", "SNELLModel"),
         "model": ("METHODS", "PetlModel", "get_petl_model", "load_petl_model"),
     },
     globals(),

@@ -21,10 +21,17 @@ def write_adapter_card(folder: Path, model: PetlModel) -> Path:
     base = config.base_model_name_or_path
     trainable = len(model.adapter_names) and sum(p.numel() for p in model.adapter_state_dict().values())
     settings = {k: v for k, v in config.to_dict().items() if k not in ("method", "base_model_name_or_path")}
+    language_model = model.pipeline_tag == "text-generation"
+    backbone = (
+        f'AutoModelForCausalLM.from_pretrained("{base or "<the base model>"}")  # the base the adapter was trained on'
+        if language_model
+        else "...  # the same backbone, built with its pretrained weights and the trained class count"
+    )
     usage = (
         "```python\n"
-        "from hf_tuning.tuners import load_petl_model\n\n"
-        "backbone = ...  # the same backbone, built with its pretrained weights and the trained class count\n"
+        + ("from transformers import AutoModelForCausalLM\n\n" if language_model else "")
+        + "from hf_tuning.tuners import load_petl_model\n\n"
+        f"backbone = {backbone}\n"
         'model = load_petl_model(backbone, "<this repo or folder>")\n'
         "```\n\n"
         f"PEFT cannot load this folder: `{config.method}` is not one of PEFT's methods; "
@@ -35,12 +42,13 @@ def write_adapter_card(folder: Path, model: PetlModel) -> Path:
         model_name=folder.resolve().name,
         base_model=hub_repo_id(base) if base else None,
         intro=(
-            f"A `{config.method}` adapter ({trainable:,} saved parameters: the method's modules and the classifier "
-            f"head) for `{base or 'its backbone'}`, made with {HF_TUNING_LINK}."
+            f"A `{config.method}` adapter ({trainable:,} saved parameters: the method's modules"
+            f"{'' if language_model else ' and the classifier head'}) for `{base or 'its backbone'}`, made with "
+            f"{HF_TUNING_LINK}."
         ),
         pipeline_tag=model.pipeline_tag,
         task_type=model.pipeline_tag,
-        dataset_type="imagefolder",
+        dataset_type="instruction-following" if language_model else "imagefolder",
         library_name="hf_tuning",
         stage_plan=None,
         stage_records=None,

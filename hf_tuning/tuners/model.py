@@ -41,6 +41,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 METHODS: dict[str, tuple[str, str, str]] = {
     "dtl": ("hf_tuning.tuners.dtl", "DTLConfig", "DTLModel"),
     "dyt": ("hf_tuning.tuners.dyt", "DyTConfig", "DyTModel"),
+    "snell": ("hf_tuning.tuners.snell", "SNELLConfig", "SNELLModel"),
+    "snella": ("hf_tuning.tuners.snell", "SNELLAConfig", "SNELLModel"),
 }
 
 
@@ -63,6 +65,7 @@ class PetlModel(nn.Module):
         base_model: the backbone, with the method's per-block modules registered inside its blocks.
         petl_config: the method's config.
         adapter_names: the parameters the method trains (its modules and the head): what is saved.
+        adapter_buffer_names: buffers the method needs at inference (SNELL's per-matrix sparsity): saved too.
     """
 
     config_class: ClassVar[type[PetlConfig]]
@@ -73,6 +76,7 @@ class PetlModel(nn.Module):
         self.base_model = base_model
         self.petl_config = config
         self.adapter_names: tuple[str, ...] = ()
+        self.adapter_buffer_names: tuple[str, ...] = ()
 
     def _check_modules_to_save(self, names: list[str]) -> None:
         """Every module the method is asked to train beside its own must exist (checked before any change)."""
@@ -85,11 +89,13 @@ class PetlModel(nn.Module):
                     f"{type(self.base_model).__name__} lacks"
                 ) from None
 
-    def _freeze_all_but_adapters(self, head_names: list[str]) -> None:
-        """Call at the end of a method's ``__init__``: freeze everything except the method's modules and head."""
+    def _freeze_all_but_adapters(self, head_names: list[str], extra_parameters: list[str] = ()) -> None:
+        """Call at the end of a method's ``__init__``: freeze everything except the method's modules, the head
+        and ``extra_parameters`` (parameter names in the base model, e.g. a class token)."""
         method_params = {id(p) for p in self.method_parameters()}
         head_params = {id(p) for name in head_names for p in self.base_model.get_submodule(name).parameters()}
-        keep = method_params | head_params
+        extra_params = {id(self.base_model.get_parameter(name)) for name in extra_parameters}
+        keep = method_params | head_params | extra_params
         for param in self.parameters():
             param.requires_grad_(id(param) in keep)
         self.adapter_names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
@@ -102,6 +108,18 @@ class PetlModel(nn.Module):
         """The loss the method adds to the task loss for the last forward (``criterion(logits, labels)`` is the
         task loss); ``None`` for methods that add none. Trainers call it right after the forward."""
         return None
+
+    def trainer_callbacks(self) -> list[Any]:
+        """``transformers.TrainerCallback`` objects the method needs while training (SNELLA's allocator)."""
+        return []
+
+    def training_state_dict(self) -> dict[str, torch.Tensor]:
+        """State a resumed run needs beyond the adapter weights (not needed for inference); checkpoints keep it."""
+        return {}
+
+    def load_training_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise PetlConfigError(f"{self.petl_config.method} keeps no training state, got {sorted(state)[:4]}")
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -118,25 +136,28 @@ class PetlModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The saved weights: the method's modules and the head, whatever a stage froze meanwhile."""
         params = dict(self.named_parameters())
-        return {name: params[name].detach().cpu().contiguous() for name in self.adapter_names}
+        state = {name: params[name].detach().cpu().contiguous() for name in self.adapter_names}
+        buffers = dict(self.named_buffers())
+        state.update({name: buffers[name].detach().cpu().contiguous() for name in self.adapter_buffer_names})
+        return state
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "the state dict") -> None:
         """Load saved weights; every name must be there and nothing else (a mismatch names what differs)."""
-        expected = set(self.adapter_names)
+        expected = set(self.adapter_names) | set(self.adapter_buffer_names)
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise PetlConfigError(
                 f"{source} does not match this {self.petl_config.method} model: missing {missing[:6]}, "
                 f"unexpected {unexpected[:6]} (was it saved from another backbone or config?)"
             )
-        params = dict(self.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                if params[name].shape != value.shape:
-                    raise PetlConfigError(
-                        f"{source}: {name} has shape {tuple(value.shape)}, the model expects {tuple(params[name].shape)}"
-                    )
-                params[name].copy_(value)
+        targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        for name, value in state.items():
+            if targets[name].shape != value.shape:
+                raise PetlConfigError(
+                    f"{source}: {name} has shape {tuple(value.shape)}, the model expects {tuple(targets[name].shape)}"
+                )
+        # through load_state_dict, so modules that cache a buffer on the host see the new value
+        self.load_state_dict(state, strict=False)
 
     def save_pretrained(self, save_directory: str | Path, *, model_card: bool = True) -> Path:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and (optionally) ``README.md``, each atomically."""

@@ -36,6 +36,8 @@ _MODE_NAMES = {
     "dtl": "DTL adapter",
     "dtl_plus": "DTL+ adapter",
     "dyt": "DyT (Dynamic Tuning) adapter",
+    "snell": "SNELL (kernelized sparse) adapter",
+    "snella": "SNELLA (kernelized sparse, allocated) adapter",
 }
 _LISTED_CLASSES = 20  # more class names than this would drown the intro
 

@@ -1,5 +1,5 @@
 """Tuning modes of a vision backbone: full fine-tuning, LoRA (through PEFT), the paper's adapter, or one of
-our transfer methods (:mod:`hf_tuning.tuners`: DTL, DTL+).
+our transfer methods (:mod:`hf_tuning.tuners`: DTL, DTL+, DyT, SNELL, SNELLA).
 
 In every mode the classifier head is trainable, and the staged engine keeps it trainable in every
 stage. Full, LoRA and adapter also train the final norm (under LoRA, a final norm whose name PEFT
@@ -26,8 +26,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-TUNING_MODES = ("full", "lora", "adapter", "dtl", "dtl_plus", "dyt")
-METHOD_MODES = ("dtl", "dtl_plus", "dyt")  # modes served by hf_tuning.tuners (saved as adapter folders)
+TUNING_MODES = ("full", "lora", "adapter", "dtl", "dtl_plus", "dyt", "snell", "snella")
+METHOD_MODES = (
+    "dtl",
+    "dtl_plus",
+    "dyt",
+    "snell",
+    "snella",
+)  # modes served by hf_tuning.tuners (saved as adapter folders)
 
 
 @dataclass
@@ -38,7 +44,8 @@ class VisionTuningArguments:
         default="full",
         metadata={
             "help": "full (every weight), lora (PEFT LoRA), adapter (the paper's bottleneck), dtl or dtl_plus "
-            "(a side network beside the frozen backbone), dyt (token routing around each MLP; hf_tuning.tuners).",
+            "(a side network beside the frozen backbone), dyt (token routing around each MLP), snell or snella "
+            "(sparse kernelized deltas on every linear layer; all four from hf_tuning.tuners).",
             "choices": list(TUNING_MODES),
         },
     )
@@ -86,6 +93,17 @@ class VisionTuningArguments:
         default=False, metadata={"help": "DyT: also train the complete model and distil it into the gated one."}
     )
     dyt_num_experts: int = field(default=1, metadata={"help": "DyT: 1 = one adapter; more = the MoE adapter."})
+    snell_rank: int = field(default=8, metadata={"help": "SNELL/SNELLA: factor rank (even; 8 or 32 in the method)."})
+    snell_sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "SNELL: fraction of each delta zeroed (default 0.9); SNELLA: every matrix's starting sparsity "
+            "(default 0.01)."
+        },
+    )
+    snella_target_sparsity: float = field(
+        default=0.8, metadata={"help": "SNELLA: overall sparsity the allocator's budget shrinks towards."}
+    )
 
     def __post_init__(self) -> None:
         if self.tuning_mode not in TUNING_MODES:
@@ -96,11 +114,21 @@ class VisionTuningArguments:
             self.method_config()  # a bad DTL setting fails here, before any weights load
 
     def method_config(self, base_model_name_or_path: str | None = None):
-        """The :mod:`hf_tuning.tuners` config of a method mode (``dtl``, ``dtl_plus``, ``dyt``)."""
-        from hf_tuning.tuners import DTLConfig, DyTConfig
+        """The :mod:`hf_tuning.tuners` config of a method mode (``dtl``, ``dtl_plus``, ``dyt``, ``snell``, ``snella``)."""
+        from hf_tuning.tuners import DTLConfig, DyTConfig, SNELLAConfig, SNELLConfig
 
         if self.tuning_mode not in METHOD_MODES:
             raise ValueError(f"tuning_mode={self.tuning_mode!r} is not a hf_tuning.tuners method")
+        if self.tuning_mode in ("snell", "snella"):
+            sparsity = {} if self.snell_sparsity is None else {"sparsity": self.snell_sparsity}
+            if self.tuning_mode == "snella":
+                return SNELLAConfig(
+                    rank=self.snell_rank,
+                    target_sparsity=self.snella_target_sparsity,
+                    base_model_name_or_path=base_model_name_or_path,
+                    **sparsity,
+                )
+            return SNELLConfig(rank=self.snell_rank, base_model_name_or_path=base_model_name_or_path, **sparsity)
         if self.tuning_mode == "dyt":
             return DyTConfig(
                 bottleneck=self.dyt_bottleneck,

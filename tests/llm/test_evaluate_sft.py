@@ -371,3 +371,89 @@ def test_settings_validate_in_code_too(tmp_path: Path) -> None:
         evaluate_sft.SftEvalSettings(base_model="x", output_dir=str(tmp_path), batch_size=0)
     settings = evaluate_sft.parse_args(["--base_model", "x", "--output_dir", str(tmp_path), "--trust_remote_code"])
     assert settings.trust_remote_code is True and settings.split == "test" and settings.chat_template == "auto"
+
+
+# --------------------------------------------------------------------------- hf_tuning.tuners adapters (SNELL)
+
+
+def save_snell_adapter(path: Path, seed: int = 0) -> Path:
+    """A SNELL adapter folder (adapter_config.json names `method`) with trained-looking factors, so the tuned model
+    differs visibly from the base."""
+    from hf_tuning.tuners import SNELLConfig, get_petl_model
+
+    config = SNELLConfig(rank=4, sparsity=0.5, dropout=0.0, drop_path=0.0, base_model_name_or_path="tests/tiny")
+    model = get_petl_model(tiny_llama(layers=2, seed=seed), config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_factors"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+    model.save_pretrained(path)
+    return path
+
+
+def test_snell_adapter_is_loaded_by_its_method_merged_or_not(tmp_path: Path) -> None:
+    adapter = save_snell_adapter(tmp_path / "snell")
+    base, tokenizer, rows = tiny_llama(layers=2, seed=0), chat_tokenizer(), conversations(4)
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    ids = torch.randint(4, 60, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        with evaluate_sft.tuned_model(base, adapter) as tuned:
+            assert type(tuned).__name__ == "SNELLModel" and not tuned.merged
+            unmerged = tuned(input_ids=ids).logits
+        with evaluate_sft.tuned_model(base, adapter, merge=True) as tuned:
+            assert tuned.merged
+            merged = tuned(input_ids=ids).logits
+    assert (unmerged - plain).abs().max() > 0.1
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+
+    results = evaluate_sft.evaluate_models(base, tokenizer, rows, adapter, batch_size=2, max_new_tokens=5)
+    fast = evaluate_sft.evaluate_models(
+        base, tokenizer, rows, adapter, batch_size=2, max_new_tokens=5, merge_adapter=True
+    )
+    assert results["tuned"]["loss"] != pytest.approx(results["base"]["loss"])
+    assert fast["tuned"]["loss"] == pytest.approx(results["tuned"]["loss"], rel=1e-5)
+    assert [e["tuned"] for e in fast["examples"]] == [e["tuned"] for e in results["examples"]]
+    assert [e["tuned"] for e in results["examples"]] != [e["base"] for e in results["examples"]]
+    # the caller gets its plain base back: no SNELL layers; weights untouched, or unmerged to float rounding
+    assert not any(type(module).__name__ == "SnellLinear" for module in base.modules())
+    for name, tensor in base.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=1e-6)
+
+
+def test_cli_evaluates_a_snell_folder(tmp_path: Path, monkeypatch) -> None:
+    model_dir = tmp_path / "model"
+    tiny_llama(layers=2, seed=0).save_pretrained(model_dir)
+    chat_tokenizer().save_pretrained(model_dir)
+    adapter = save_snell_adapter(tmp_path / "snell")
+    rows = conversations(2)
+    monkeypatch.setattr(evaluate_sft, "load_conversations", lambda name, split, count: rows[:count])
+    argv = ["--base_model", str(model_dir), "--adapter", str(adapter), "--merge_adapter", "--num_examples", "2"]
+    assert evaluate_sft.main([*argv, "--max_new_tokens", "3", "--dtype", "float32", "--device", "cpu"]) == 0
+    results = json.loads((adapter / "eval_results.json").read_text())
+    assert (results["config"]["adapter_method"], results["config"]["merge_adapter"]) == ("snell", True)
+    assert "- adapter_method: `snell`" in (adapter / "eval_report.md").read_text()
+    assert "held-out test loss" in (adapter / "README.md").read_text()  # the adapter card records the scores
+
+
+def test_a_vision_method_folder_is_refused_before_any_model_loads(tmp_path: Path) -> None:
+    folder = tmp_path / "dtl"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"method": "dtl", "rank": 2}))
+    with pytest.raises(ValueError, match="'dtl' adapter .* does not attach to a causal LM"):
+        evaluate_sft.SftEvalSettings(base_model="x", adapter=str(folder))
+
+
+def test_merged_lora_gives_the_unmerged_scores_and_the_base_back(tmp_path: Path) -> None:
+    adapter = save_adapter(tmp_path / "lora")
+    base, tokenizer, rows = tiny_llama(layers=2, seed=0), chat_tokenizer(), conversations(3)
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    plain = evaluate_sft.evaluate_models(base, tokenizer, rows, adapter, batch_size=3, max_new_tokens=4)
+    merged = evaluate_sft.evaluate_models(
+        base, tokenizer, rows, adapter, batch_size=3, max_new_tokens=4, merge_adapter=True
+    )
+    assert merged["tuned"]["loss"] == pytest.approx(plain["tuned"]["loss"], rel=1e-5)
+    assert not any("lora" in name for name, _ in base.named_modules())
+    for name, tensor in base.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=1e-6)

@@ -226,8 +226,6 @@ def test_trainer_dt1_trains_one_stage_at_a_time_with_soft_labels(tmp_path):
     assert "eval_loss" in trainer.evaluate()  # mixup-style collators never touch evaluation
 
 
-
-
 def test_drop_path_zero_turns_off_an_architecture_default():
     """timm's Swin defaults to drop-path 0.1: an explicit 0 must reach it, and unset keeps the default."""
     from hf_tuning.tuners.backbones import random_modules

@@ -244,3 +244,24 @@ def test_dyt_trains_to_its_keep_rate_and_reloads_with_the_same_logits(digits, tm
     assert reloaded.tuning_mode == "dyt"
     with torch.no_grad():
         assert torch.equal(reloaded.model(images), logits)
+
+
+def test_snella_dt3_saves_its_allocated_sparsities_and_reloads_merged_with_the_same_logits(digits, tmp_path):
+    out = tmp_path / "vit-snella"
+    result = _recipe().main(
+        _argv(digits, out, "--checkpoint", str(_vit_backbone(tmp_path)), "--tuning_mode", "snella",
+              "--snell_rank", "4", "--snella_target_sparsity", "0.6", "--max_steps", "2")
+    )  # fmt: skip
+    trained = result["trainer"].model.eval()
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["method"] == "snella" and saved["rank"] == 4 and saved["target_sparsity"] == 0.6
+    card = (out / "README.md").read_text()
+    assert "SNELLA" in card and "tuning_mode: snella" in card and "load_petl_model" in card
+    reloaded = load_trained_classifier(out)
+    assert reloaded.tuning_mode == "snella"
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = trained(x)
+        assert torch.equal(reloaded.model(x), expected)
+        reloaded.model.merge()
+        torch.testing.assert_close(reloaded.model(x), expected, rtol=0, atol=1e-5)
