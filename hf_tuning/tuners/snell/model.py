@@ -75,13 +75,17 @@ def find_targets(model: nn.Module, config: SNELLConfig) -> list[SnellTarget]:
     return targets
 
 
+def _is_causal_lm(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForCausalLM")
+
+
 def _default_head_names(model: nn.Module) -> list[str]:
     """A vision backbone's classifier head; nothing for a causal language model."""
     try:
         return backbone_form(model, "SNELL").head_names()
     except PetlBackboneError:
         pass
-    if type(model).__name__.endswith("ForCausalLM"):
+    if _is_causal_lm(model):
         return []
     raise PetlConfigError(
         f"SNELL does not know which modules of {type(model).__name__} form its head: pass modules_to_save "
@@ -137,7 +141,7 @@ class SNELLModel(PetlModel):
 
     @property
     def pipeline_tag(self) -> str:  # type: ignore[override]
-        return "text-generation" if type(self.base_model).__name__.endswith("ForCausalLM") else "image-classification"
+        return "text-generation" if _is_causal_lm(self.base_model) else "image-classification"
 
     def __getattr__(self, name: str) -> Any:
         try:
