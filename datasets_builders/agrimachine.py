@@ -1,15 +1,17 @@
 """AgriMachine28K-style instruction data for the AgriMaTech recipe.
 
 Builds ``train``/``validation``/``test`` chat data from the bundled sample, a local file or a Hub dataset
-with :func:`datasets_builders.instruction_formats.build_instruction_dataset`, saves it atomically and can
-push it to the Hub::
+with :func:`datasets_builders.instruction_formats.build_instruction_dataset`, or from a weighted mixture of
+several of them (``dataset_mixture``, :mod:`datasets_builders.mixture`), saves it atomically and can push it
+to the Hub::
 
     python -m datasets_builders.agrimachine --dataset_name_or_path agrimachine_sample --output_dir data/agri
+    python -m datasets_builders.agrimachine --output_dir data/mix --dataset_mixture \
+        '[{"path": "agrimachine_sample", "weight": 1}, {"path": "agrimachine_extra_sample", "weight": 2}]'
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,12 +29,15 @@ from datasets_builders.instruction_formats import (
     build_instruction_dataset,
     looks_like_hub_id,
 )
-from hf_tuning.io import atomic_directory
+from datasets_builders.mixture import MixtureReport, MixtureSource, build_mixture, parse_mixture
+from hf_tuning.io import atomic_directory, atomic_write_json
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "SAMPLE_NAME",
     "SAMPLE_PATH",
+    "BUNDLED_SAMPLES",
+    "resolve_bundled",
     "AgriMachineDataArguments",
     "build_agrimachine_dataset",
     "save_dataset",
@@ -48,6 +53,24 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 SAMPLE_NAME = "agrimachine_sample"
 SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "agrimachine_sample.jsonl"
+# Names that stand for the data files shipped with the package (alpaca rows, and ShareGPT conversations).
+BUNDLED_SAMPLES = {
+    SAMPLE_NAME: SAMPLE_PATH,
+    "agrimachine_extra_sample": SAMPLE_PATH.with_name("agrimachine_extra_sample.jsonl"),
+}
+# Single-source options a mixture replaces, with their defaults: setting one beside a mixture is refused.
+_SINGLE_SOURCE_DEFAULTS = {
+    "dataset_name_or_path": SAMPLE_NAME,
+    "dataset_config": None,
+    "dataset_split": "train",
+    "dataset_format": "auto",
+}
+
+
+def resolve_bundled(name_or_path: str | os.PathLike) -> str:
+    """The shipped file for a bundled sample name, otherwise the value as given."""
+    name = os.fspath(name_or_path)
+    return str(BUNDLED_SAMPLES[name]) if name in BUNDLED_SAMPLES else name
 
 
 @dataclass
@@ -57,9 +80,21 @@ class AgriMachineDataArguments:
     dataset_name_or_path: str = field(
         default=SAMPLE_NAME,
         metadata={
-            "help": f"A local .json/.jsonl/.csv/.parquet file, a Hub dataset id, or '{SAMPLE_NAME}' for the "
-            "bundled sample."
+            "help": f"A local .json/.jsonl/.csv/.parquet file, a Hub dataset id, or a bundled sample "
+            f"({', '.join(BUNDLED_SAMPLES)})."
         },
+    )
+    # YAML (TrlParser) gives a list of mappings; the command line gives JSON text, which is all that
+    # HfArgumentParser can type (it reads this annotation as ``str``). __post_init__ stores the checked list.
+    dataset_mixture: list[dict[str, Any]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Several sources instead of dataset_name_or_path: a list (YAML) or JSON list (command line) of "
+            "{path, weight | count, format, config, split, system_prompt, label}; see docs/data.md."
+        },
+    )
+    mixture_seed: int = field(
+        default=42, metadata={"help": "Seed of the mixture's sampling and shuffling (not of the validation hash)."}
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
     dataset_split: str = field(default="train", metadata={"help": "Split to read from a Hub dataset."})
@@ -101,6 +136,7 @@ class AgriMachineDataArguments:
         self._check_source()
         self._check_choices()
         self._check_numbers()
+        self._check_mixture()
         if self.push_dataset_to_hub is not None and not looks_like_hub_id(self.push_dataset_to_hub):
             raise ValueError(
                 f"push_dataset_to_hub must be a Hub repo id like 'owner/name', got {self.push_dataset_to_hub!r}"
@@ -129,6 +165,33 @@ class AgriMachineDataArguments:
         ):
             raise ValueError(f"max_train_samples must be a positive integer or None, got {self.max_train_samples!r}")
 
+    def _check_mixture(self) -> None:
+        if isinstance(self.mixture_seed, bool) or not isinstance(self.mixture_seed, int):
+            raise ValueError(f"mixture_seed must be an integer, got {self.mixture_seed!r}")
+        if self.dataset_mixture is None:
+            return
+        conflicts = [
+            f"{name}={getattr(self, name)!r}"
+            for name, default in _SINGLE_SOURCE_DEFAULTS.items()
+            if getattr(self, name) != default
+        ]
+        if conflicts:
+            raise ValueError(
+                f"dataset_mixture replaces the single-source option(s) {', '.join(conflicts)}: remove them, or "
+                "give each source its own path/config/split/format inside dataset_mixture"
+            )
+        self.dataset_mixture = [source.to_dict() for source in parse_mixture(self.dataset_mixture)]
+
+    def mixture_sources(self) -> tuple[MixtureSource, ...]:
+        """The checked mixture sources; empty for a single source."""
+        return parse_mixture(self.dataset_mixture) if self.dataset_mixture is not None else ()
+
+    def hub_dataset_ids(self) -> list[str]:
+        """The Hub dataset ids read (for a model card's ``datasets``): sources that are not local paths."""
+        paths = [source.path for source in self.mixture_sources()] or [os.fspath(self.dataset_name_or_path)]
+        resolved = [resolve_bundled(path) for path in paths]
+        return list(dict.fromkeys(path for path in resolved if looks_like_hub_id(path) and not Path(path).exists()))
+
     def validation_split_size(self) -> float | int:
         """The fraction, or the row count when the value is a whole number >= 1 (the CLI parses floats)."""
         value = self.validation_size
@@ -141,13 +204,23 @@ class AgriMachineDataArguments:
         return int(value)
 
     def resolved_source(self) -> str:
-        """The bundled sample's path for ``agrimachine_sample``, otherwise the value as given."""
-        name = os.fspath(self.dataset_name_or_path)
-        return str(SAMPLE_PATH) if name == SAMPLE_NAME else name
+        """The shipped file for a bundled sample name, otherwise the value as given (single source)."""
+        return resolve_bundled(self.dataset_name_or_path)
 
 
-def build_agrimachine_dataset(args: AgriMachineDataArguments) -> tuple[DatasetDict, BuildReport]:
+def build_agrimachine_dataset(args: AgriMachineDataArguments) -> tuple[DatasetDict, BuildReport | MixtureReport]:
     """Build the chat dataset the arguments describe; ``max_train_samples`` trims ``train`` last."""
+    if args.dataset_mixture is not None:
+        return build_mixture(
+            args.mixture_sources(),
+            mixture_seed=args.mixture_seed,
+            default_system_prompt=args.system_prompt,
+            on_bad_rows=args.on_bad_rows,
+            validation_size=args.validation_split_size(),
+            split_seed=args.split_seed,
+            max_train_samples=args.max_train_samples,
+            resolve=resolve_bundled,
+        )
     dataset, report = build_instruction_dataset(
         args.resolved_source(),
         format=args.dataset_format,
@@ -165,7 +238,9 @@ def build_agrimachine_dataset(args: AgriMachineDataArguments) -> tuple[DatasetDi
     return dataset, report
 
 
-def save_dataset(dataset: DatasetDict, output_dir: str | os.PathLike, report: BuildReport | None = None) -> Path:
+def save_dataset(
+    dataset: DatasetDict, output_dir: str | os.PathLike, report: BuildReport | MixtureReport | None = None
+) -> Path:
     """``save_to_disk`` into a hidden sibling folder, then rename it into place: a reader never sees a
     partial folder, and a failed save leaves the previous one untouched. The report goes in as
     ``build_report.json``."""
@@ -173,7 +248,7 @@ def save_dataset(dataset: DatasetDict, output_dir: str | os.PathLike, report: Bu
     with atomic_directory(target) as staging:
         dataset.save_to_disk(str(staging))
         if report is not None:
-            (staging / "build_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+            atomic_write_json(staging / "build_report.json", report.to_dict())
     return target
 
 

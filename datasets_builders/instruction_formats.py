@@ -6,6 +6,12 @@ an editor, exact duplicates are removed, and the data is split deterministically
 says ``test`` (or ``heldout``) form a fixed ``test`` split, and the ``validation`` split is chosen by a stable
 hash of each conversation, so the assignment depends neither on row order nor on rows added later.
 
+Tool-calling conversations come in two layouts, normalised to one (see :func:`normalise_conversation`):
+LLaMA-Factory's sharegpt turns ``function_call`` and ``observation`` with a ``tools`` column, and the
+OpenAI/TRL ``messages`` with assistant ``tool_calls`` and ``tool`` messages. Content given as a list of
+``{"type": "text", "text": ...}`` parts is joined into one text. Both live in
+:mod:`datasets_builders.conversation_tools`; this module reads, normalises, dedupes and splits, and calls into it.
+
 The builder is text-only. Columns its format does not read (``images`` in multimodal ShareGPT data, say) are
 named in a warning and in :attr:`BuildReport.dropped_columns`, and a row whose text carries an image
 placeholder (:data:`IMAGE_PLACEHOLDERS`) is a bad row: training on the bare placeholder without its image
@@ -28,6 +34,31 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, Features, List, Value
 
+# The tool-calling and row-check names below were defined here before they moved; importing them from this
+# module keeps working (TOOL_CALL_FEATURES is not in __all__, hence the explicit re-export).
+from datasets_builders.conversation_tools import TOOL_CALL_FEATURES as TOOL_CALL_FEATURES
+from datasets_builders.conversation_tools import (
+    TOOL_MESSAGE_FEATURES,
+    ToolDefinitions,
+    assistant_call_message,
+    check_tool_turns,
+    content_text,
+    is_tool_message,
+    row_tools,
+    sharegpt_calls,
+    with_tool_calls_field,
+    with_tool_columns,
+)
+from datasets_builders.row_checks import (
+    IMAGE_PLACEHOLDERS,
+    RowProblem,
+    RowProblems,
+    check_image_placeholder,
+    has_data,
+    text_value,
+    type_name,
+)
+
 __all__ = [
     "FORMATS",
     "FORMAT_CHOICES",
@@ -37,6 +68,8 @@ __all__ = [
     "PASSTHROUGH_COLUMNS",
     "HELDOUT_SPLIT_VALUES",
     "IMAGE_PLACEHOLDERS",
+    "MESSAGE_FEATURES",
+    "TOOL_MESSAGE_FEATURES",
     "BadRowsError",
     "EmptyDatasetError",
     "FormatError",
@@ -48,6 +81,8 @@ __all__ = [
     "read_source",
     "detect_format",
     "normalise_row",
+    "normalise_conversation",
+    "with_tool_columns",
     "validation_score",
     "looks_like_hub_id",
 ]
@@ -60,17 +95,11 @@ BAD_ROW_POLICIES = ("error", "skip")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 FORMAT_COLUMNS = {
     "alpaca": "instruction, output (optional: input, system, history)",
-    "sharegpt": "conversations = list of {from, value} (optional: system)",
-    "messages": "messages = list of {role, content}",
+    "sharegpt": "conversations = list of {from, value} (optional: system, tools)",
+    "messages": "messages = list of {role, content} (optional: tools)",
 }
 PASSTHROUGH_COLUMNS = ("id", "category")
 HELDOUT_SPLIT_VALUES = ("test", "heldout")
-# Image placeholders of common multimodal instruction data, by the data they come from:
-#   <image>, <image_1>, <image 1>   LLaVA, ShareGPT4V, LLaMA-Factory's multimodal sharegpt, MMMU
-#   <|image|>, <|image_1|>          Llama 3.2 Vision, Phi-3-vision
-#   <img>path</img>                 Qwen-VL, InternVL (a bare <img> is left alone: HTML questions mention it)
-#   <|vision_start|>                Qwen2-VL / Qwen2.5-VL
-IMAGE_PLACEHOLDERS = re.compile(r"<image(?:[ _]?\d+)?>|<\|image(?:_\d+)?\|>|<img>[^<]*</img>|<\|vision_start\|>")
 MAX_LISTED_PROBLEMS = 20
 MAX_LOGGED_LOCATIONS = 5
 
@@ -78,15 +107,16 @@ _KEY_COLUMN = {"alpaca": "instruction", "sharegpt": "conversations", "messages":
 # The columns each format reads; with PASSTHROUGH_COLUMNS and ``split``, every other column is dropped.
 _READ_COLUMNS = {
     "alpaca": ("instruction", "input", "output", "system", "history"),
-    "sharegpt": ("conversations", "system"),
-    "messages": ("messages",),
+    "sharegpt": ("conversations", "system", "tools"),
+    "messages": ("messages", "tools"),
 }
 _IMAGE_COLUMNS = ("images", "image")
 _JSON_CELL_COLUMNS = ("conversations", "messages", "history")
 _PATH_SUFFIXES = (*LOCAL_SUFFIXES, ".txt", ".tsv", ".arrow", ".gz", ".zip", ".xz", ".bz2", ".zst", ".xlsx")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
-_FEATURE_MESSAGES = List({"role": Value("string"), "content": Value("string")})
+MESSAGE_FEATURES = List({"role": Value("string"), "content": Value("string")})
+_FEATURE_MESSAGES = MESSAGE_FEATURES
 
 
 class BadRowsError(ValueError):
@@ -116,19 +146,6 @@ class DataSourceNotFoundError(FileNotFoundError):
     """The source is neither an existing local file nor a reachable Hub dataset."""
 
 
-@dataclass(frozen=True)
-class RowProblem:
-    """One problem of one row; ``kind`` groups problems for the skip report."""
-
-    location: str
-    field: str
-    kind: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.location}: {self.field}: {self.detail}"
-
-
 @dataclass
 class RawRow:
     """A row as read, with where it starts; ``problem`` is set when it could not even be parsed."""
@@ -153,6 +170,7 @@ class BuildReport:
     heldout_overlap_removed: int = 0
     split_sizes: dict[str, int] = field(default_factory=dict)
     dropped_columns: list[str] = field(default_factory=list)  # columns with data that the format does not read
+    rows_with_tools: int = 0  # kept rows with tool definitions, tool calls or tool results
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
@@ -161,9 +179,10 @@ class BuildReport:
         dropped = self.duplicates_removed + self.heldout_overlap_removed
         splits = ", ".join(f"{name}={size}" for name, size in self.split_sizes.items())
         unused = f"; unused columns dropped: {', '.join(self.dropped_columns)}" if self.dropped_columns else ""
+        tools = f"; {self.rows_with_tools} with tools" if self.rows_with_tools else ""
         return (
             f"{self.source} [{self.format}]: {self.rows_read} rows read, {self.rows_kept} kept, {skipped}, "
-            f"{dropped} duplicates removed; splits: {splits}{unused}"
+            f"{dropped} duplicates removed; splits: {splits}{tools}{unused}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,24 +191,18 @@ class BuildReport:
 
 @dataclass
 class _Example:
-    """A valid row: its final messages, passthrough columns, held-out flag and split-hash key."""
+    """A valid row: its final messages, passthrough columns, held-out flag, split-hash key and tool definitions
+    (JSON text, None without tools)."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     extras: dict[str, str]
     heldout: bool
     split_key: str
+    tools: str | None = None
 
-
-class _Problems:
-    """Collects the problems of one row at one location; ``image_column`` names the row's (unread) images."""
-
-    def __init__(self, location: str, image_column: str | None = None):
-        self.location = location
-        self.image_column = image_column
-        self.items: list[RowProblem] = []
-
-    def add(self, field_name: str, kind: str, detail: str) -> None:
-        self.items.append(RowProblem(self.location, field_name, kind, detail))
+    @property
+    def uses_tools(self) -> bool:
+        return self.tools is not None or any(is_tool_message(message) for message in self.messages)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -387,61 +400,31 @@ def _resolve_format(rows: list[RawRow], declared: str, label: str) -> str:
     return declared
 
 
-def _type_name(value: Any) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
 def _message(role: str, content: str) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-def _text_value(value: Any, where: str, problems: _Problems, empty_detail: str) -> str | None:
-    """``value`` if it is a non-blank string; otherwise record why not at ``where`` and return None."""
-    if value is None:
-        problems.add(where, "missing field", "missing required field")
-    elif not isinstance(value, str):
-        problems.add(where, "wrong type", f"expected a string, got {_type_name(value)}")
-    elif not value.strip():
-        problems.add(where, "empty", empty_detail)
-    else:
-        _check_image_placeholder(value, where, problems)
-        return value
-    return None
+def _required_text(row: Mapping[str, Any], name: str, problems: RowProblems) -> str | None:
+    return text_value(row.get(name), name, problems, "empty or whitespace-only")
 
 
-def _check_image_placeholder(text: str, where: str, problems: _Problems) -> None:
-    """An image placeholder has no image to go with it here: the builder is text-only."""
-    found = IMAGE_PLACEHOLDERS.search(text)
-    if found is None:
-        return
-    detail = f"an {found.group()} placeholder but this text-only builder has no images to go with it"
-    if problems.image_column:
-        detail += f" (the row's {problems.image_column!r} column is not read)"
-    problems.add(where, "image placeholder", detail)
-
-
-def _required_text(row: Mapping[str, Any], name: str, problems: _Problems) -> str | None:
-    return _text_value(row.get(name), name, problems, "empty or whitespace-only")
-
-
-def _optional_text(row: Mapping[str, Any], name: str, problems: _Problems) -> str:
+def _optional_text(row: Mapping[str, Any], name: str, problems: RowProblems) -> str:
     value = row.get(name)
     if value is None:
         return ""
     if not isinstance(value, str):
-        problems.add(name, "wrong type", f"expected a string, got {_type_name(value)}")
+        problems.add(name, "wrong type", f"expected a string, got {type_name(value)}")
         return ""
-    _check_image_placeholder(value, name, problems)
+    check_image_placeholder(value, name, problems)
     return value
 
 
-def _history_messages(history: Any, problems: _Problems) -> list[dict[str, str]]:
+def _history_messages(history: Any, problems: RowProblems) -> list[dict[str, str]]:
     """Alpaca ``history``: [[user, assistant], ...] before the instruction, as alternating turns."""
     if history is None:
         return []
     if not isinstance(history, list):
-        problems.add("history", "bad history", f"expected a list of [user, assistant] pairs, got {_type_name(history)}")
+        problems.add("history", "bad history", f"expected a list of [user, assistant] pairs, got {type_name(history)}")
         return []
     messages = []
     for index, pair in enumerate(history):
@@ -451,12 +434,12 @@ def _history_messages(history: Any, problems: _Problems) -> list[dict[str, str]]
         for position, (role, text) in enumerate(zip(("user", "assistant"), pair)):
             if not text.strip():
                 problems.add(f"history[{index}][{position}]", "empty", "empty or whitespace-only")
-            _check_image_placeholder(text, f"history[{index}][{position}]", problems)
+            check_image_placeholder(text, f"history[{index}][{position}]", problems)
             messages.append(_message(role, text))
     return messages
 
 
-def _alpaca_messages(row: Mapping[str, Any], problems: _Problems) -> list[dict[str, str]]:
+def _alpaca_messages(row: Mapping[str, Any], problems: RowProblems) -> list[dict[str, str]]:
     """system?, history turns, user = instruction (+ blank line + input when there is one), assistant = output."""
     instruction = _required_text(row, "instruction", problems)
     output = _required_text(row, "output", problems)
@@ -472,27 +455,47 @@ def _alpaca_messages(row: Mapping[str, Any], problems: _Problems) -> list[dict[s
 
 @dataclass(frozen=True)
 class _ConversationSpec:
-    """How one conversation format names its column, role key, content key and roles."""
+    """How one conversation format names its column, role key, content key and roles, and how it writes a tool
+    call: as a turn of its own role (``call_role``) or as a list under a key of an assistant message
+    (``calls_key``)."""
 
     column: str
     role_key: str
     content_key: str
     roles: Mapping[str, str]
+    call_role: str | None = None
+    calls_key: str | None = None
 
 
 _SHAREGPT = _ConversationSpec(
     "conversations",
     "from",
     "value",
-    {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"},
+    {
+        "human": "user",
+        "user": "user",
+        "gpt": "assistant",
+        "assistant": "assistant",
+        "system": "system",
+        "function_call": "assistant",
+        "observation": "tool",
+    },
+    call_role="function_call",
 )
 _MESSAGES = _ConversationSpec(
-    "messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}
+    "messages",
+    "role",
+    "content",
+    {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
+    calls_key="tool_calls",
 )
 
 
-def _conversation_messages(turns: Any, spec: _ConversationSpec, problems: _Problems) -> list[dict[str, str]]:
-    """Validate every turn, then the shape: system only first, at least one reply, ending with one."""
+def _conversation_messages(
+    turns: Any, spec: _ConversationSpec, problems: RowProblems, tools: ToolDefinitions | None = None
+) -> list[dict[str, Any]]:
+    """Validate every turn, then the shape: system only first, tool calls and results in place, at least one
+    reply, ending with one."""
     column = spec.column
     if turns is None:
         problems.add(column, "missing field", "missing required field")
@@ -501,36 +504,52 @@ def _conversation_messages(turns: Any, spec: _ConversationSpec, problems: _Probl
         problems.add(
             column,
             "wrong type",
-            f"expected a list of {{{spec.role_key}, {spec.content_key}}} objects, got {_type_name(turns)}",
+            f"expected a list of {{{spec.role_key}, {spec.content_key}}} objects, got {type_name(turns)}",
         )
         return []
     if not turns:
         problems.add(column, "empty", "empty conversation")
         return []
-    messages = [_turn_message(turn, index, spec, problems) for index, turn in enumerate(turns)]
+    messages = [_turn_message(turn, index, spec, tools, problems) for index, turn in enumerate(turns)]
     if any(message is None for message in messages):
         return []
+    check_tool_turns(messages, turns, spec.column, problems)
     _check_conversation_shape(messages, spec, problems)
     return messages
 
 
-def _turn_message(turn: Any, index: int, spec: _ConversationSpec, problems: _Problems) -> dict[str, str] | None:
+def _turn_message(
+    turn: Any, index: int, spec: _ConversationSpec, tools: ToolDefinitions | None, problems: RowProblems
+) -> dict[str, Any] | None:
     where = f"{spec.column}[{index}]"
     if not isinstance(turn, Mapping):
-        problems.add(where, "wrong type", f"expected an object, got {_type_name(turn)}")
+        problems.add(where, "wrong type", f"expected an object, got {type_name(turn)}")
         return None
     role = turn.get(spec.role_key)
     content = turn.get(spec.content_key)
+    content_where = f"{where}.{spec.content_key}"
     role_ok = _check_role(role, f"{where}.{spec.role_key}", spec, problems)
-    content_ok = _check_content(content, f"{where}.{spec.content_key}", problems)
-    if not (role_ok and content_ok):
+    if role_ok and role == spec.call_role:
+        calls = sharegpt_calls(content, content_where, tools, problems)
+        return None if calls is None else {"role": "assistant", "content": "", "tool_calls": calls}
+    raw_calls = turn.get(spec.calls_key) if spec.calls_key else None
+    if has_data(raw_calls):  # exports often write tool_calls: [] (or null) on messages without calls
+        calls_where = f"{where}.{spec.calls_key}"
+        if role_ok and spec.roles[role] != "assistant":
+            detail = f"only assistant messages make tool calls, not {role!r} ones"
+            problems.add(calls_where, "misplaced tool call", detail)
+            return None
+        message = assistant_call_message(content, raw_calls, calls_where, content_where, tools, problems)
+        return message if role_ok else None
+    text = content_text(content, content_where, problems, "empty content")
+    if not role_ok or text is None:
         return None
     if spec.roles[role] == "system" and index > 0:
         problems.add(f"{where}.{spec.role_key}", "system not first", "system message not in first position")
-    return _message(spec.roles[role], content)
+    return _message(spec.roles[role], text)
 
 
-def _check_role(role: Any, where: str, spec: _ConversationSpec, problems: _Problems) -> bool:
+def _check_role(role: Any, where: str, spec: _ConversationSpec, problems: RowProblems) -> bool:
     if role is None:
         problems.add(where, "missing field", "missing required field")
         return False
@@ -540,11 +559,7 @@ def _check_role(role: Any, where: str, spec: _ConversationSpec, problems: _Probl
     return True
 
 
-def _check_content(content: Any, where: str, problems: _Problems) -> bool:
-    return _text_value(content, where, problems, "empty content") is not None
-
-
-def _check_conversation_shape(messages: list[dict[str, str]], spec: _ConversationSpec, problems: _Problems) -> None:
+def _check_conversation_shape(messages: list[dict[str, Any]], spec: _ConversationSpec, problems: RowProblems) -> None:
     roles = [message["role"] for message in messages]
     if "assistant" not in roles:
         problems.add(spec.column, "no assistant reply", "no assistant reply")
@@ -552,51 +567,83 @@ def _check_conversation_shape(messages: list[dict[str, str]], spec: _Conversatio
         problems.add(spec.column, "not ending with assistant", "does not end with an assistant reply")
 
 
-def _sharegpt_messages(row: Mapping[str, Any], problems: _Problems) -> list[dict[str, str]]:
+def _sharegpt_messages(
+    row: Mapping[str, Any], problems: RowProblems, tools: ToolDefinitions | None
+) -> list[dict[str, Any]]:
     """A top-level ``system`` column is used when the conversation has no system turn of its own."""
-    messages = _conversation_messages(row.get("conversations"), _SHAREGPT, problems)
-    system = _optional_text(row, "system", problems)
+    messages = _conversation_messages(row.get("conversations"), _SHAREGPT, problems, tools)
+    system = _optional_content(row, "system", problems)
     if messages and system.strip() and messages[0]["role"] != "system":
         messages.insert(0, _message("system", system))
     return messages
 
 
-def _messages_messages(row: Mapping[str, Any], problems: _Problems) -> list[dict[str, str]]:
-    return _conversation_messages(row.get("messages"), _MESSAGES, problems)
+def _messages_messages(
+    row: Mapping[str, Any], problems: RowProblems, tools: ToolDefinitions | None
+) -> list[dict[str, Any]]:
+    return _conversation_messages(row.get("messages"), _MESSAGES, problems, tools)
 
 
-_NORMALISERS = {"alpaca": _alpaca_messages, "sharegpt": _sharegpt_messages, "messages": _messages_messages}
+def _alpaca_row_messages(
+    row: Mapping[str, Any], problems: RowProblems, tools: ToolDefinitions | None
+) -> list[dict[str, Any]]:
+    return _alpaca_messages(row, problems)  # alpaca has no tool calls; its rows' tools column is not read
 
 
-def normalise_row(value: Any, fmt: str, location: str) -> tuple[list[dict[str, str]], list[RowProblem]]:
-    """The row's own chat messages (no default system prompt) and its problems; messages are only
-    meaningful when there is no problem."""
+def _optional_content(row: Mapping[str, Any], name: str, problems: RowProblems) -> str:
+    """An optional text column that may also be given as text parts."""
+    value = row.get(name)
+    if isinstance(value, list):
+        return content_text(value, name, problems, "empty content") or ""
+    return _optional_text(row, name, problems)
+
+
+_NORMALISERS = {"alpaca": _alpaca_row_messages, "sharegpt": _sharegpt_messages, "messages": _messages_messages}
+
+
+def normalise_conversation(
+    value: Any, fmt: str, location: str
+) -> tuple[list[dict[str, Any]], str | None, list[RowProblem]]:
+    """The row's own chat messages (no default system prompt), its tool definitions and its problems; the rest
+    is only meaningful when there is no problem.
+
+    Tool-calling rows of both layouts come out the same: a call is an assistant message with ``content`` (""
+    when it has no text) and ``tool_calls = [{"type": "function", "function": {"name", "arguments"}}]``, its
+    ``arguments`` JSON text; a result is ``{"role": "tool", "content": text}``. The tool definitions are the
+    JSON text of ``[{"type": "function", "function": {...}}, ...]``, or None when the row has none.
+    """
     if not isinstance(value, Mapping):
-        problems = _Problems(location)
-        problems.add("row", "not an object", f"expected a JSON object, got {_type_name(value)}")
-        return [], problems.items
-    problems = _Problems(location, next((name for name in _IMAGE_COLUMNS if _has_data(value.get(name))), None))
-    messages = _NORMALISERS[fmt](value, problems)
-    return messages, problems.items
+        problems = RowProblems(location)
+        problems.add("row", "not an object", f"expected a JSON object, got {type_name(value)}")
+        return [], None, problems.items
+    problems = RowProblems(location, next((name for name in _IMAGE_COLUMNS if has_data(value.get(name))), None))
+    tools = row_tools(value, problems) if "tools" in _READ_COLUMNS[fmt] else None
+    messages = _NORMALISERS[fmt](value, problems, tools)
+    return messages, tools.text if tools else None, problems.items
+
+
+def normalise_row(value: Any, fmt: str, location: str) -> tuple[list[dict[str, Any]], list[RowProblem]]:
+    """The row's own chat messages (no default system prompt) and its problems; messages are only
+    meaningful when there is no problem. :func:`normalise_conversation` also returns the tool definitions."""
+    messages, _, problems = normalise_conversation(value, fmt, location)
+    return messages, problems
 
 
 # ----------------------------------------------------------------------------------------------- building
 
 
-def _canonical(messages: list[dict[str, str]]) -> str:
-    return json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+def _canonical(messages: list[dict[str, Any]], tools: str | None = None) -> str:
+    """The conversation as one string for dedupe and the split hash; tools only count where there are some,
+    so rows without tools keep the keys (and splits) they always had."""
+    text = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return text if tools is None else f"{text}\x00{tools}"
 
 
-def _with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+def _with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
     """The row's own system message wins; otherwise the default prompt leads, if there is one."""
     if not system_prompt or (messages and messages[0]["role"] == "system"):
         return messages
     return [_message("system", system_prompt), *messages]
-
-
-def _has_data(value: Any) -> bool:
-    """Not None and not an empty string, list or object."""
-    return value is not None and not (isinstance(value, str | list | tuple | dict) and not value)
 
 
 def _dropped_columns(rows: list[RawRow], fmt: str) -> list[str]:
@@ -606,7 +653,7 @@ def _dropped_columns(rows: list[RawRow], fmt: str) -> list[str]:
     dropped: dict[str, None] = {}
     for raw in rows:
         if isinstance(raw.value, Mapping):
-            dropped.update((name, None) for name, value in raw.value.items() if name not in kept and _has_data(value))
+            dropped.update((name, None) for name, value in raw.value.items() if name not in kept and has_data(value))
     return list(dropped)
 
 
@@ -628,12 +675,13 @@ def _normalise_rows(
         if raw.problem is not None:
             bad.append([raw.problem])
             continue
-        messages, problems = normalise_row(raw.value, fmt, raw.location)
+        messages, tools, problems = normalise_conversation(raw.value, fmt, raw.location)
         if problems:
             bad.append(problems)
             continue
         final = _with_system_prompt(messages, system_prompt)
-        examples.append(_Example(final, _extras(raw.value), _is_heldout(raw.value), _canonical(messages)))
+        key = _canonical(messages, tools)
+        examples.append(_Example(final, _extras(raw.value), _is_heldout(raw.value), key, tools))
     return examples, bad
 
 
@@ -663,7 +711,7 @@ def _dedupe(examples: list[_Example], report: BuildReport) -> list[_Example]:
     keep: set[int] = set()
     for index in heldout_first:
         example = examples[index]
-        key = _canonical(example.messages)
+        key = _canonical(example.messages, example.tools)
         if key not in seen:
             seen.add(key)
             keep.add(index)
@@ -735,9 +783,19 @@ def _split_examples(
     return splits
 
 
-def _to_dataset(examples: list[_Example], columns: list[str]) -> Dataset:
-    features = Features({"messages": _FEATURE_MESSAGES, **{name: Value("string") for name in columns}})
-    data: dict[str, list[Any]] = {"messages": [example.messages for example in examples]}
+def _to_dataset(examples: list[_Example], columns: list[str], with_tools: bool = False) -> Dataset:
+    """Rows without tools keep the plain ``messages`` schema; a build with any tool row puts every split in the
+    tool schema (:data:`TOOL_MESSAGE_FEATURES` and a ``tools`` column, null where a row has none)."""
+    if with_tools:
+        features = Features({"messages": TOOL_MESSAGE_FEATURES, "tools": Value("string")})
+        data: dict[str, list[Any]] = {
+            "messages": [[with_tool_calls_field(message) for message in example.messages] for example in examples],
+            "tools": [example.tools for example in examples],
+        }
+    else:
+        features = Features({"messages": MESSAGE_FEATURES})
+        data = {"messages": [example.messages for example in examples]}
+    features.update({name: Value("string") for name in columns})
     for name in columns:
         data[name] = [example.extras.get(name, "") for example in examples]
     return Dataset.from_dict(data, features=features)
@@ -799,7 +857,9 @@ def build_instruction_dataset(
         )
     splits = _split_examples(examples, validation_size, split_seed, label)
     columns = _passthrough_columns(examples)
-    dataset = DatasetDict({name: _to_dataset(members, columns) for name, members in splits.items()})
+    report.rows_with_tools = sum(example.uses_tools for members in splits.values() for example in members)
+    with_tools = report.rows_with_tools > 0
+    dataset = DatasetDict({name: _to_dataset(members, columns, with_tools) for name, members in splits.items()})
     report.split_sizes = {name: len(members) for name, members in splits.items()}
     report.rows_kept = sum(report.split_sizes.values())
     logger.info("%s", report.summary())

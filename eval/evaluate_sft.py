@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from eval.common import parse_settings, pick_device
 from hf_tuning.io import atomic_write_json, atomic_write_text
+from hf_tuning.llm.adapters import adapter_method, check_adapter_dir, tuned_model
 from hf_tuning.llm.chat_templates import has_generation_markers, stop_token_ids
 
 __all__ = [
@@ -61,9 +62,6 @@ Conversation = list[dict[str, Any]]
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 RESULTS_JSON = "eval_results.json"
-ADAPTER_CONFIG = "adapter_config.json"
-# hf_tuning.tuners methods that attach to a causal LM's linear layers (the others are vision methods)
-CAUSAL_LM_METHODS = ("snell", "snella")
 REPORT_MD = "eval_report.md"
 IGNORE_INDEX = -100
 # (key, label, decimals): the rows of the report table, in order
@@ -266,77 +264,6 @@ def heldout_loss(
 
 
 # --------------------------------------------------------------------------- base vs adapter
-
-
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """An adapter is a local folder with adapter_config.json; say so before any model work starts."""
-    path = Path(adapter_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"adapter folder {str(path)!r} does not exist")
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(
-            f"{str(path)!r} has no adapter_config.json: pass the folder a PEFT or hf_tuning.tuners adapter was "
-            "saved to (trainer.save_model() / model.save_pretrained())"
-        )
-    method = adapter_method(path)
-    if method is not None and method not in CAUSAL_LM_METHODS:
-        raise ValueError(
-            f"{str(path)!r} holds a {method!r} adapter (hf_tuning.tuners), which does not attach to a causal LM; "
-            f"this evaluation loads {', '.join(CAUSAL_LM_METHODS)} or PEFT adapters"
-        )
-    return path
-
-
-def adapter_method(adapter_dir: str | Path) -> str | None:
-    """The :mod:`hf_tuning.tuners` method of an adapter folder (the ``method`` key of its adapter_config.json);
-    ``None`` for a PEFT adapter."""
-    from hf_tuning.io import read_json
-
-    method = read_json(Path(adapter_dir) / ADAPTER_CONFIG).get("method")
-    return str(method) if method else None
-
-
-@contextlib.contextmanager
-def tuned_model(base_model, adapter_dir: str | Path, *, merge: bool = False) -> Iterator[Any]:
-    """``base_model`` with the adapter attached while the block runs; afterwards the caller has its plain base back.
-
-    A PEFT adapter is loaded with ``peft.PeftModel``, a SNELL / SNELLA folder with
-    ``hf_tuning.tuners.load_petl_model`` (the method is read from adapter_config.json). With ``merge`` the adapter is
-    folded into the weights first (generation then costs what the base costs) and taken out again at the end: the
-    base weights come back up to float rounding (unmerged, they are untouched).
-    """
-    adapter = check_adapter_dir(adapter_dir)
-    if adapter_method(adapter) is None:
-        from peft import PeftModel
-
-        tuned = PeftModel.from_pretrained(base_model, str(adapter))
-        try:
-            if merge:
-                tuned.merge_adapter()
-            yield tuned
-        finally:
-            if merge:
-                tuned.unmerge_adapter()
-            tuned.unload()  # removes the LoRA layers (unmerged) and gives the caller back the plain base
-        return
-    from hf_tuning.tuners import load_petl_model
-
-    tuned = load_petl_model(base_model, adapter)
-    try:
-        if merge:
-            tuned.merge()
-        yield tuned
-    finally:
-        _detach_snell(tuned)
-
-
-def _detach_snell(tuned) -> None:
-    """Undo ``load_petl_model`` for SNELL: unmerge, then put every adapted layer's own ``nn.Linear`` back."""
-    tuned.unmerge()
-    base = tuned.get_base_model()
-    for name, layer in tuned.snell_layers().items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent_name) if parent_name else base, child, layer.base_layer)
 
 
 def evaluate_model(

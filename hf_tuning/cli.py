@@ -1,5 +1,10 @@
 """``hf-tuning`` command line: ``hf-tuning plan`` prints a stage plan without training.
 
+Other commands belong to the domain packages and register themselves through the ``hf_tuning.commands``
+entry-point group (``setup.cfg``): each entry names a ``register(subparsers)`` function that adds its
+sub-parser and sets ``handler``. The core therefore never imports a domain (``hf-tuning merge``,
+``export-gguf`` and ``chat`` live in :mod:`hf_tuning.llm`).
+
 The model is built from its config on the ``meta`` device, so planning an 8B model needs no
 weights, no GPU and no memory: ``hf-tuning plan --model meta-llama/Llama-3.1-8B-Instruct --variant dt3 --lora``.
 """
@@ -7,9 +12,11 @@ weights, no GPU and no memory: ``hf-tuning plan --model meta-llama/Llama-3.1-8B-
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import re
 import sys
+import traceback
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -19,7 +26,9 @@ from torch import nn
 from hf_tuning.stages import ORDERS, StagePlan, build_stage_plan
 from hf_tuning.variants import VARIANTS
 
-__all__ = ["main", "format_plan", "load_model_skeleton", "name_patterns"]
+__all__ = ["COMMAND_GROUP", "main", "format_plan", "load_model_skeleton", "name_patterns"]
+
+COMMAND_GROUP = "hf_tuning.commands"
 
 _INDEX = re.compile(r"\.(\d+)\.")
 
@@ -149,6 +158,7 @@ def _plan_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-tuning", description="Staged subspace tuning (Diffusion Tuning) tools")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("plan", help="print the stage plan of a model and variant without training")
     plan.add_argument("--model", required=True, help="Hub id or local folder with a config.json")
@@ -166,14 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     plan.set_defaults(handler=_plan_command)
+    for entry in sorted(importlib.metadata.entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        entry.load()(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a user-fixable error (``ValueError``, ``OSError``) is one line on stderr and exit
+    status 2, with the traceback only under ``--debug``."""
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except (ValueError, OSError) as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"hf-tuning {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +31,23 @@ from transformers import set_seed
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from datasets_builders.agrimachine import AgriMachineDataArguments, build_agrimachine_dataset, push_dataset
-from datasets_builders.instruction_formats import looks_like_hub_id
 from hf_tuning import StagedSFTConfig, StagedSFTTrainer
 from hf_tuning.hub import push_output_dir
-from hf_tuning.llm.chat_templates import apply_training_chat_template, compare_with_stock, stop_token_ids
+from hf_tuning.llm.chat_templates import (
+    apply_training_chat_template,
+    check_tool_conversations_render,
+    compare_with_stock,
+    stop_token_ids,
+)
 from hf_tuning.llm.loading import check_model_exists, kbit_device_map, load_causal_lm, load_tokenizer
 from hf_tuning.llm.model_card import write_model_card
 from hf_tuning.llm.tuning import METHOD_MODES, LlmTuningArguments, build_method_model, check_tuning_combination
 from hf_tuning.precision import torch_dtype_for
+from hf_tuning.recipe_runner import check_setting_names, run_recipe, training_started
 
 logger = logging.getLogger("agrimatech")
+# read when no --config is given
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "agrimatech_llama_dt3.yaml"
 
 
 @dataclass
@@ -65,6 +73,7 @@ class RecipeArguments(LlmTuningArguments):
 
 def parse_args(argv: list[str] | None = None):
     parser = TrlParser((RecipeArguments, AgriMachineDataArguments, ModelConfig, StagedSFTConfig))
+    check_setting_names(parser, sys.argv[1:] if argv is None else argv)
     return parser.parse_args_and_config(argv)
 
 
@@ -97,6 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     stock_template = tokenizer.chat_template
     template = apply_training_chat_template(tokenizer, recipe.chat_template)
+    for split in ("train", "validation"):  # e.g. parallel tool calls under llama3.1: refused now, not mid-tokenizing
+        if split in dataset:
+            check_tool_conversations_render(tokenizer, dataset[split], split=split)
     # what the card says differs from the base model's own template (measured, not assumed)
     template_difference = compare_with_stock(tokenizer, stock_template) if isinstance(stock_template, str) else None
     base_model_id = recipe.base_model_id or model_source.name
@@ -125,11 +137,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # The recipe pushes the finished output folder once, never the per-stage checkpoints.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    # what TRL renders: the conversation, and the tool definitions of tool-calling rows (JSON text)
+    columns = [name for name in ("messages", "tools") if name in dataset["train"].column_names]
     trainer = StagedSFTTrainer(
         model=model,
         args=training_args,
-        train_dataset=dataset["train"].select_columns(["messages"]),
-        eval_dataset=dataset["validation"].select_columns(["messages"]) if "validation" in dataset else None,
+        train_dataset=dataset["train"].select_columns(columns),
+        eval_dataset=dataset["validation"].select_columns(columns) if "validation" in dataset else None,
         processing_class=tokenizer,
         peft_config=None if method is not None else get_peft_config(model_args),
     )
@@ -138,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 3. Train every stage.
     resume = training_args.resume_from_checkpoint
     resume = True if str(resume).lower() in ("true", "last") else resume
+    training_started()  # from here on an error is a bug report: keep its traceback
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # 4. Save, evaluate, describe, push.
@@ -159,8 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hyperparameters=_hyperparameters(training_args, model_args, template, recipe),
             chat_template=template,
             chat_template_difference=template_difference,
-            datasets=[data_args.resolved_source()] if _is_hub_dataset(data_args) else [],
-            dataset_description=f"Training data: {report.summary()}",
+            datasets=data_args.hub_dataset_ids(),
+            dataset_description=f"Training data:\n\n```text\n{report.summary()}\n```",  # a mixture: a table
             eval_results={k: metrics[k] for k in ("eval_loss", "perplexity") if k in metrics},
             eval_dataset_name="AgriMachine held-out data",
             license=recipe.license,
@@ -175,11 +190,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             logger.info("pushed to %s", url)
     trainer.accelerator.wait_for_everyone()
     return {"output_dir": str(output_dir), "train": train_result.metrics, "eval": metrics, "trainer": trainer}
-
-
-def _is_hub_dataset(data_args: AgriMachineDataArguments) -> bool:
-    source = data_args.resolved_source()
-    return looks_like_hub_id(source) and not Path(source).exists()
 
 
 def _hyperparameters(
@@ -216,4 +226,4 @@ def _hyperparameters(
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main, default_config=DEFAULT_CONFIG))

@@ -20,6 +20,7 @@ The steps:
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,11 @@ from hf_tuning.diffusion import (
     write_run_config,
 )
 from hf_tuning.io import atomic_write_json
+from hf_tuning.recipe_runner import check_setting_names, run_recipe, training_started
 
 logger = logging.getLogger("dit_chain_of_forgetting")
+# read when no --config is given
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "dit_xl2_256_chain_of_forgetting.yaml"
 
 
 @dataclass
@@ -59,6 +63,7 @@ def parse_args(argv: list[str] | None = None):
     parser = TrlParser(
         (DiTModelArguments, DiffusionDataArguments, SamplingArguments, GridArguments, ChainOfForgettingConfig)
     )
+    check_setting_names(parser, sys.argv[1:] if argv is None else argv)
     return parser.parse_args_and_config(argv)
 
 
@@ -105,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     resume = training_args.resume_from_checkpoint
     resume = True if str(resume).lower() in ("true", "last") else resume
+    training_started()  # from here on an error is a bug report: keep its traceback
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # 4. Save the EMA weights, the run's settings and a sample grid.
@@ -148,4 +154,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main, default_config=DEFAULT_CONFIG))

@@ -1,6 +1,6 @@
 """Staged tuning (OST, DT1-DT4) of an image classifier: timm or transformers ViT, Swin, ConvNeXt.
 
-    accelerate launch recipes/image_classification_dt.py --config recipes/configs/swin_base_22kto1k_dt1.yaml
+    accelerate launch recipes/image_classification_dt.py --config recipes/configs/swin_base_22kto1k.yaml --dt_variant dt1
     accelerate launch recipes/image_classification_dt.py --config recipes/configs/vit_b16_vtab1k_lora_dt3.yaml \\
         --task cifar --data_dir /data/vtab-1k
     python recipes/image_classification_dt.py --config recipes/configs/digits_vit_dt3.yaml   # CPU, seconds
@@ -22,6 +22,7 @@ line (``--dt_variant dt4 --tuning_mode lora``). The steps:
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from datasets_builders.vision import (
 )
 from hf_tuning import StagedTrainingArguments
 from hf_tuning.io import atomic_write_json
+from hf_tuning.recipe_runner import check_setting_names, run_recipe, training_started
 from hf_tuning.vision import (
     StagedImageClassificationTrainer,
     VisionModelArguments,
@@ -54,6 +56,8 @@ from hf_tuning.vision.backbones import model_library
 from hf_tuning.vision.tuning import METHOD_MODES
 
 logger = logging.getLogger("image_classification_dt")
+# read when no --config is given
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "vit_b16_vtab1k_lora_dt3.yaml"
 
 
 @dataclass
@@ -86,6 +90,7 @@ def parse_args(argv: list[str] | None = None):
             StagedTrainingArguments,
         )
     )
+    check_setting_names(parser, sys.argv[1:] if argv is None else argv)
     return parser.parse_args_and_config(argv)
 
 
@@ -209,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 4. Train every stage.
     resume = training_args.resume_from_checkpoint
     resume = True if str(resume).lower() in ("true", "last") else resume
+    training_started()  # from here on an error is a bug report: keep its traceback
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # 5. Save and evaluate.
@@ -236,4 +242,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main, default_config=DEFAULT_CONFIG))

@@ -5,6 +5,9 @@
 * loading a causal LM and its tokenizer from the Hub, a folder or a GGUF file: :mod:`hf_tuning.llm.loading`
 * training chat templates with ``{% generation %}`` markers: :mod:`hf_tuning.llm.chat_templates`
 * model cards of finished runs: :mod:`hf_tuning.llm.model_card`
+* finished adapters (recognise, attach, detach): :mod:`hf_tuning.llm.adapters`
+* after training: ``hf-tuning merge`` (:mod:`hf_tuning.llm.merge`), ``hf-tuning export-gguf``
+  (:mod:`hf_tuning.llm.gguf_export`) and ``hf-tuning chat`` (:mod:`hf_tuning.llm.chat`)
 * the block families of text models: :mod:`hf_tuning.llm.families`
 
 Names are imported on first use, so importing the package stays cheap.
@@ -33,6 +36,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "stop_token_ids",
         ),
         "model_card": ("render_model_card", "update_eval_results", "write_model_card"),
+        "adapters": ("attach_adapter", "check_adapter_dir", "tuned_model"),
+        "chat": ("ChatSession", "GenerationSettings", "load_chat_model", "run_chat"),
     },
     globals(),
 )

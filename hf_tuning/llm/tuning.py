@@ -108,8 +108,11 @@ class LlmTuningArguments:
                 )
 
     def changed_method_settings(self) -> list[str]:
-        """The method fields set to something other than their defaults."""
-        return [f.name for f in fields(self) if f.name != "tuning_mode" and getattr(self, f.name) != f.default]
+        """The method fields set to something other than their defaults (only this class's own fields: a recipe's
+        subclass adds settings every mode uses)."""
+        return [
+            f.name for f in fields(LlmTuningArguments) if f.name != "tuning_mode" and getattr(self, f.name) != f.default
+        ]
 
     def method_config(self, base_model_name_or_path: str | None = None) -> SNELLConfig:
         """The :mod:`hf_tuning.tuners` config of ``snell`` / ``snella`` (raises ``PetlConfigError`` on bad values)."""

@@ -198,7 +198,12 @@ BAD_ROWS = [
     ("sharegpt", {"conversations": "q"}, "conversations: expected a list of {from, value} objects, got string"),
     ("sharegpt", {"conversations": ["q"]}, "conversations[0]: expected an object, got string"),
     ("sharegpt", {"conversations": [{"value": "q"}]}, "conversations[0].from: missing required field"),
-    ("messages", roles(("user", "q"), ("tool", "a")), "messages[1].role: unknown value 'tool'"),
+    ("messages", roles(("user", "q"), ("function", "a")), "messages[1].role: unknown value 'function'"),
+    (
+        "messages",
+        roles(("user", "q"), ("tool", "a"), ("assistant", "b")),
+        "messages[1]: a tool result must follow the function call it answers",
+    ),
     ("messages", roles(("user", "q"), ("assistant", 5)), "messages[1].content: expected a string, got number"),
     ("messages", roles(("user", "q"), ("system", "s"), ("assistant", "a")), "messages[1].role: system message not"),
     ("messages", roles(("user", ""), ("assistant", "a")), "messages[0].content: empty content"),
@@ -391,7 +396,7 @@ def test_columns_nothing_reads_are_named_in_one_warning_and_in_the_report(tmp_pa
     assert report.dropped_columns == ["images", "source", "score"]  # "note" holds nothing, so nothing is lost
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1 and f"{path}: the column(s) images, source, score are dropped" in warnings[0]
-    assert "reads only the sharegpt columns (conversations, system), id, category and split" in warnings[0]
+    assert "reads only the sharegpt columns (conversations, system, tools), id, category and split" in warnings[0]
     assert report.summary().endswith("; unused columns dropped: images, source, score")
     assert dataset["train"].column_names == ["messages", "id", "category"]
     saved = save_dataset(dataset, tmp_path / "out", report)

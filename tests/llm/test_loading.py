@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_tuning.llm.loading import ModelNotFoundError, gguf_cache_dir, load_causal_lm, resolve_model_source
+from hf_tuning.llm.loading import (
+    ModelNotFoundError,
+    gguf_cache_dir,
+    load_causal_lm,
+    load_config,
+    resolve_model_source,
+)
 from hf_tuning.llm.sft import StagedSFTConfig
 from hf_tuning.precision import resolve_mixed_precision
 from tests.helpers.real_models import SMOLLM2, requires_smollm2
@@ -30,9 +36,11 @@ def test_sources(tmp_path):
         resolve_model_source(str(tmp_path / "weights.bin"))
 
 
-def test_unknown_hub_model_is_a_clear_error():
-    with pytest.raises(ModelNotFoundError, match="unknown model 'no-such-org/no-such-model'"):
-        load_causal_lm("no-such-org/no-such-model")
+def test_unknown_hub_model_is_a_clear_error(monkeypatch):
+    with pytest.raises(ModelNotFoundError, match="model 'no-such-org/no-such-model' is not a local folder or file"):
+        load_causal_lm("no-such-org/no-such-model")  # offline (tests/conftest.py): the cache is all there is
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE is set, so the Hub was not asked"):
+        load_config("no-such-org/no-such-model")
 
 
 @requires_smollm2

@@ -2,11 +2,13 @@
 
 TRL's ``assistant_only_loss`` builds the loss mask from those markers, and the stock Llama-3.1 and
 SmolLM2 templates have none (their mask would be empty). Each template here renders the same text
-as its stock format for conversations without tools, and marks every assistant reply together with
-its end-of-turn token, so the model learns to stop.
+as its stock format, and marks every assistant reply and tool call together with its end-of-turn
+token, so the model learns to stop. Tool definitions and tool results are rendered but never learned.
 
-Templates: ``llama3`` (Llama 3), ``llama3.1`` (Llama 3.1/3.2/3.3 Instruct: system turn with the
-knowledge-cutoff and date lines) and ``chatml`` (SmolLM2, Qwen). A ``.jinja`` file path also works.
+Templates: ``llama3`` (Llama 3; refuses tool calling, which Llama 3 has no format for), ``llama3.1``
+(Llama 3.1/3.2/3.3 Instruct: system turn with the knowledge-cutoff and date lines; Llama 3.1's tool
+format, one call per turn) and ``chatml`` (SmolLM2, Qwen; Qwen2.5's tool format, parallel calls
+included). A ``.jinja`` file path also works.
 
 Where the text differs from a stock template, :data:`TrainingTemplate.differences` says how (the model
 card repeats it), and :func:`apply_training_chat_template` logs the first difference it finds between the
@@ -29,6 +31,7 @@ __all__ = [
     "ChatTemplateError",
     "TrainingTemplate",
     "apply_training_chat_template",
+    "check_tool_conversations_render",
     "compare_with_stock",
     "describe_training_template",
     "detect_template_name",
@@ -82,6 +85,7 @@ class TrainingTemplate:
     special_tokens: tuple[str, ...]  # must each be one token in the vocabulary
     end_of_turn: str
     differences: str  # how its text differs from the stock template it stands for (model card, docs)
+    tool_calling: str = "not supported"  # what it does with tools, calls and results (model card, docs)
 
     def source(self) -> str:
         return (_HERE / self.file).read_text(encoding="utf-8")
@@ -94,15 +98,19 @@ TEMPLATES: dict[str, TrainingTemplate] = {
         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         "<|eot_id|>",
         "renders the same text as the stock Llama 3 template",
+        "refused (Llama 3 has no tool-calling format)",
     ),
     "llama3.1": TrainingTemplate(
         "llama3.1",
         "llama3_1.jinja",
         ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         "<|eot_id|>",
-        "renders the same text as the stock Llama 3.1 template for conversations without tools; the date line is "
+        "renders the same text as the stock Llama 3.1 template, tool conversations included; the date line is "
         "fixed at 'Today Date: 26 Jul 2024' (the stock Llama 3.1 default), where the stock Llama 3.2 template "
         "writes the current date",
+        "as the stock Llama 3.1 template renders user-defined tools: definitions in the first user turn, "
+        'one {"name", "parameters"} call per assistant turn and no text beside it (parallel calls are refused), '
+        "results in ipython turns",
     ),
     "chatml": TrainingTemplate(
         "chatml",
@@ -112,6 +120,9 @@ TEMPLATES: dict[str, TrainingTemplate] = {
         "renders the same text as the model's stock ChatML template (SmolLM2, Qwen2.5) for conversations without "
         "tools, including the default system turn that template adds when a conversation has none; Qwen3's "
         "<think> blocks are not rendered",
+        "as the stock Qwen2.5 template renders them: definitions inside <tools></tools> in the system turn, calls "
+        "inside <tool_call></tool_call> (several per turn allowed), results inside <tool_response></tool_response> in "
+        "a user turn",
     ),
 }
 
@@ -128,7 +139,7 @@ def describe_training_template(name: str) -> str:
     if name in TEMPLATES:
         return (
             f"`{name}`, hf_tuning's copy of the stock chat format with `{{% generation %}}` markers for the "
-            f"assistant-only loss; it {TEMPLATES[name].differences}. Tool calls are not supported."
+            f"assistant-only loss; it {TEMPLATES[name].differences}. Tool calling: {TEMPLATES[name].tool_calling}."
         )
     if name == "tokenizer":
         return "the tokenizer's own template, used unchanged (it already had `{% generation %}` markers)."
@@ -215,6 +226,53 @@ def apply_training_chat_template(tokenizer: PreTrainedTokenizerBase, name: str |
             else end_of_turn_token(tokenizer, resolved)
         )
     return resolved
+
+
+def check_tool_conversations_render(
+    tokenizer: PreTrainedTokenizerBase, conversations: Any, *, split: str = "train", limit: int = 5
+) -> int:
+    """Render every tool-calling conversation of ``conversations`` (rows with ``messages`` and optionally
+    ``tools``, as the data builder writes them) with the tokenizer's template; returns how many were rendered.
+
+    Conversations without tools render under every training template; tool calls do not (``llama3`` has no tool
+    format, ``llama3.1`` one call per turn). TRL would meet such a row while tokenizing, after the weights have
+    loaded: this finds them first and names them.
+    """
+    columns = getattr(conversations, "column_names", None) or []
+    if "tools" not in columns and not _any_tool_message(conversations):
+        return 0
+    failures, rendered = [], 0
+    for index, row in enumerate(conversations):
+        tools = row.get("tools")
+        if not tools and not any(m.get("tool_calls") or m.get("role") == "tool" for m in row["messages"]):
+            continue
+        rendered += 1
+        try:
+            tokenizer.apply_chat_template(
+                row["messages"], tools=json.loads(tools) if isinstance(tools, str) else tools, tokenize=False
+            )
+        except Exception as error:  # noqa: BLE001 - jinja's TemplateError and what a template raises
+            question = next((m["content"] for m in row["messages"] if m["role"] == "user"), "")
+            failures.append(f"{split} row {index} ({question[:60]!r}...): {error}")
+    if failures:
+        shown = "\n  ".join(failures[:limit]) + (
+            f"\n  ... and {len(failures) - limit} more" if len(failures) > limit else ""
+        )
+        raise ChatTemplateError(
+            f"the training chat template cannot render {len(failures)} of the {rendered} tool-calling conversations:"
+            f"\n  {shown}"
+        )
+    return rendered
+
+
+def _any_tool_message(conversations: Any) -> bool:
+    """Whether the rows' messages carry tool calls at all (the builder adds ``tool_calls`` only then)."""
+    features = getattr(conversations, "features", None)
+    if features is None or "messages" not in features:
+        return True  # not a datasets.Dataset: look at the rows
+    message = features["messages"]
+    inner = getattr(message, "feature", message[0] if isinstance(message, list) else message)
+    return isinstance(inner, dict) and "tool_calls" in inner
 
 
 def stock_default_system_message(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> str:
