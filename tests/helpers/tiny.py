@@ -74,3 +74,32 @@ def tiny_opt(project: bool = False) -> OPTForCausalLM:
         tie_word_embeddings=False,
     )  # fmt: skip
     return OPTForCausalLM(config)
+
+
+def tokenizing_sft_trainer(tokenizer, train_dataset: Dataset, output_dir: str):
+    """A :class:`~hf_tuning.StagedSFTTrainer` on a 2-layer LLaMA of the tokenizer's vocabulary, built to read what TRL
+    made of the rows (``trainer.train_dataset``: input ids and assistant-only labels); it is never trained."""
+    from hf_tuning import StagedSFTConfig, StagedSFTTrainer
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    args = StagedSFTConfig(
+        output_dir=output_dir,
+        assistant_only_loss=True,
+        max_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        dt_variant="ost",
+        save_strategy="no",
+    )
+    return StagedSFTTrainer(
+        model=LlamaForCausalLM(config), args=args, train_dataset=train_dataset, processing_class=tokenizer
+    )

@@ -21,7 +21,7 @@ from hf_tuning.llm.chat_templates import (
 )
 from tests.helpers.llama3_tokenizer import llama3_tokenizer
 from tests.helpers.real_models import requires_smollm2, smollm2_tokenizer
-from tests.helpers.tiny import tiny_tokenizer
+from tests.helpers.tiny import tiny_tokenizer, tokenizing_sft_trainer
 
 CONVERSATION = [
     {"role": "system", "content": "You advise farmers on machinery."},
@@ -166,39 +166,10 @@ def test_template_errors(tmp_path):
 def test_trl_builds_the_same_mask(tmp_path):
     """TRL's assistant_only_loss takes its mask from these markers: check what it actually trains on."""
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hf_tuning import StagedSFTConfig, StagedSFTTrainer
 
     tokenizer = smollm2_tokenizer()
     apply_training_chat_template(tokenizer, "chatml")
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    )
-    args = StagedSFTConfig(
-        output_dir=str(tmp_path),
-        assistant_only_loss=True,
-        max_steps=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        dt_variant="ost",
-        save_strategy="no",
-    )
-    trainer = StagedSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list([{"messages": CONVERSATION}]),
-        processing_class=tokenizer,
-    )
+    trainer = tokenizing_sft_trainer(tokenizer, Dataset.from_list([{"messages": CONVERSATION}]), str(tmp_path))
     row = trainer.train_dataset[0]
     expected_ids, expected_mask = _expected_mask(tokenizer, CONVERSATION, "<|im_end|>")
     assert row["input_ids"] == expected_ids

@@ -22,6 +22,7 @@ from datasets_builders.instruction_formats import (
 from hf_tuning.llm.chat_templates import apply_training_chat_template, end_of_turn_token, load_training_template
 from tests.helpers.llama3_tokenizer import llama3_tokenizer
 from tests.helpers.real_models import requires_smollm2, smollm2_tokenizer
+from tests.helpers.tiny import tokenizing_sft_trainer
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tool_calling"
 SHAREGPT = DATA / "llamafactory_sharegpt_tools.json"
@@ -527,36 +528,11 @@ def test_tool_conversations_render_like_the_stock_templates(name, stock_file):
 def test_trl_tokenizes_the_reloaded_dataset_with_the_same_mask(tmp_path):
     """SFTTrainer reads the ``tools`` column (JSON text) and the messages with their tool calls as built and
     reloaded from disk; its labels must be exactly the mask checked above."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hf_tuning import StagedSFTConfig, StagedSFTTrainer
-
     dataset, _ = build(OPENAI)
     dataset.save_to_disk(tmp_path / "data")
     train = load_from_disk(tmp_path / "data")["train"]
     tokenizer = chatml()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    args = StagedSFTConfig(
-        output_dir=str(tmp_path / "out"),
-        assistant_only_loss=True,
-        max_steps=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        dt_variant="ost",
-        save_strategy="no",
-    )
-    trainer = StagedSFTTrainer(
-        model=LlamaForCausalLM(config), args=args, train_dataset=train, processing_class=tokenizer
-    )
+    trainer = tokenizing_sft_trainer(tokenizer, train, str(tmp_path / "out"))
     for index in range(len(train)):
         row = trainer.train_dataset[index]
         learned = check_tool_mask(tokenizer, "chatml", train[index])
