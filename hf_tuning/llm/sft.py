@@ -8,6 +8,7 @@ the method's adapter folder (:class:`~hf_tuning.tuners.checkpoints.PetlCheckpoin
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from hf_tuning.tuners.checkpoints import PetlCheckpointing
 from hf_tuning.tuners.model import PetlModel
 
 __all__ = ["StagedSFTConfig", "StagedSFTTrainer"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,6 +87,24 @@ class StagedSFTTrainer(PetlCheckpointing, StagedTrainerMixin, SFTTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         with _fused_lm_head_inside_methods():
             super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, packing: bool, *rest: Any) -> Any:
+        """TRL drops the rows whose every trained token lies beyond ``max_length`` (a long prompt, long tool
+        definitions) and shows only a progress bar; say how many went, so that no row is lost unnoticed."""
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, *rest)
+        if not packing and hasattr(dataset, "__len__") and hasattr(prepared, "__len__"):
+            dropped = len(dataset) - len(prepared)
+            if dropped > 0:
+                name = rest[-1] if rest else "train"
+                logger.warning(
+                    "%d of the %d %s rows were dropped: max_length=%s cut off every token they would train on "
+                    "(raise max_length, or shorten the prompts)",
+                    dropped,
+                    len(dataset),
+                    name,
+                    args.max_length,
+                )
+        return prepared
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)

@@ -76,7 +76,7 @@ def tiny_opt(project: bool = False) -> OPTForCausalLM:
     return OPTForCausalLM(config)
 
 
-def tokenizing_sft_trainer(tokenizer, train_dataset: Dataset, output_dir: str):
+def tokenizing_sft_trainer(tokenizer, train_dataset: Dataset, output_dir: str, max_length: int | None = 1024):
     """A :class:`~hf_tuning.StagedSFTTrainer` on a 2-layer LLaMA of the tokenizer's vocabulary, built to read what TRL
     made of the rows (``trainer.train_dataset``: input ids and assistant-only labels); it is never trained."""
     from hf_tuning import StagedSFTConfig, StagedSFTTrainer
@@ -99,6 +99,7 @@ def tokenizing_sft_trainer(tokenizer, train_dataset: Dataset, output_dir: str):
         gradient_checkpointing=False,
         dt_variant="ost",
         save_strategy="no",
+        max_length=max_length,
     )
     return StagedSFTTrainer(
         model=LlamaForCausalLM(config), args=args, train_dataset=train_dataset, processing_class=tokenizer

@@ -9,7 +9,8 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from hf_tuning import StagedSFTConfig, StagedSFTTrainer
-from tests.helpers.tiny import text_dataset, tiny_llama, tiny_tokenizer
+from tests.helpers.real_models import requires_smollm2, smollm2_tokenizer
+from tests.helpers.tiny import text_dataset, tiny_llama, tiny_tokenizer, tokenizing_sft_trainer
 
 COMMON = dict(
     max_steps=6,
@@ -75,3 +76,21 @@ def test_dt3_lora_stages_only_adapters(tmp_path):
     report = json.loads((tmp_path / "dt_stages.json").read_text())
     assert [r["steps"] for r in report["stage_records"]] == [6, 6]
     assert all(r["final_train_loss"] > 0 for r in report["stage_records"])
+
+
+@requires_smollm2
+def test_rows_truncated_before_their_answer_are_counted_not_dropped_silently(tmp_path, caplog):
+    """TRL drops a row whose every trained token lies beyond max_length; the trainer says how many went."""
+    from datasets import Dataset
+
+    from hf_tuning.llm.chat_templates import apply_training_chat_template
+
+    tokenizer = smollm2_tokenizer()
+    apply_training_chat_template(tokenizer, "chatml")
+    short = [{"role": "user", "content": "Oil?"}, {"role": "assistant", "content": "Every 250 hours."}]
+    long = [{"role": "user", "content": "Tell me about the tractor. " * 40}, {"role": "assistant", "content": "Yes."}]
+    rows = Dataset.from_list([{"messages": short}, {"messages": long}, {"messages": short}])
+    with caplog.at_level("WARNING", logger="hf_tuning.llm.sft"):
+        trainer = tokenizing_sft_trainer(tokenizer, rows, str(tmp_path), max_length=64)
+    assert len(trainer.train_dataset) == 2
+    assert "1 of the 3 train rows were dropped: max_length=64 cut off every token they would train on" in caplog.text
