@@ -407,6 +407,7 @@ def load_chat_model(
     A name (``auto``, ``llama3``, ``llama3.1``, ``chatml``) or a ``.jinja`` path replaces it.
     """
     from hf_tuning.llm.adapters import adapter_base_model, adapter_tokenizer, attach_adapter, check_adapter_dir
+    from hf_tuning.llm.chat_templates import apply_training_chat_template, known_template_name
     from hf_tuning.llm.loading import check_model_exists, load_causal_lm, load_tokenizer
 
     notes: list[str] = []
@@ -443,8 +444,6 @@ def load_chat_model(
                 "chat template, which may not be the one the adapter was trained with (see --chat_template)"
             )
     if chat_template is not None:
-        from hf_tuning.llm.chat_templates import apply_training_chat_template
-
         template = apply_training_chat_template(tokenizer, chat_template)
     else:
         if not isinstance(tokenizer.chat_template, str):
@@ -452,24 +451,13 @@ def load_chat_model(
                 f"the tokenizer of {adapter or weights!r} has no chat template: pass --chat_template "
                 "(auto, llama3, llama3.1, chatml or a .jinja file)"
             )
-        template = _known_template(tokenizer)
+        template = known_template_name(tokenizer)
 
     loaded = load_causal_lm(weights, dtype=dtype, **options).to(_device(device))
     if adapter is not None:
         loaded = attach_adapter(loaded, adapter)
     description = f"{base} + {adapter}" if adapter is not None else str(weights)
     return ChatModel(loaded.eval(), tokenizer, template, description, notes)
-
-
-def _known_template(tokenizer: Any) -> str:
-    """The training template family a saved tokenizer belongs to (its end-of-turn token stops replies), or
-    ``""`` when it is none of them (then EOS stops replies)."""
-    from hf_tuning.llm.chat_templates import ChatTemplateError, detect_template_name
-
-    try:
-        return detect_template_name(tokenizer)
-    except ChatTemplateError:
-        return ""
 
 
 def _device(name: str) -> Any:

@@ -192,13 +192,9 @@ def _merge_in_place(tuned: Any, method: str | None) -> nn.Module:
 def _stop_tokens(tokenizer: Any, generation_config: Any) -> list[int]:
     """The ids generation stops on: the training template's end-of-turn token and every EOS the base names (as
     the recipe sets them before training; PEFT does not save the generation config with the adapter)."""
-    from hf_tuning.llm.chat_templates import ChatTemplateError, detect_template_name, stop_token_ids
+    from hf_tuning.llm.chat_templates import known_template_name, stop_token_ids
 
-    try:
-        name = detect_template_name(tokenizer)
-    except ChatTemplateError:
-        name = "custom"  # the tokenizer's EOS is the end of turn
-    return stop_token_ids(tokenizer, name, generation_config=generation_config)
+    return stop_token_ids(tokenizer, known_template_name(tokenizer), generation_config=generation_config)
 
 
 # ----------------------------------------------------------------------------------------------- card

@@ -36,6 +36,7 @@ __all__ = [
     "describe_training_template",
     "detect_template_name",
     "has_generation_markers",
+    "known_template_name",
     "load_training_template",
     "stock_default_system_message",
     "stop_token_ids",
@@ -340,6 +341,15 @@ def end_of_turn_token(tokenizer: PreTrainedTokenizerBase, name: str) -> str:
     if name in TEMPLATES:
         return TEMPLATES[name].end_of_turn
     return tokenizer.eos_token
+
+
+def known_template_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The training template family a saved tokenizer belongs to, or ``""`` when it is none of them (for
+    :func:`stop_token_ids`, the tokenizer's EOS then ends a turn)."""
+    try:
+        return detect_template_name(tokenizer)
+    except ChatTemplateError:
+        return ""
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: str, *, generation_config: Any = None) -> list[int]:
