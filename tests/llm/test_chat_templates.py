@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from benchmarks.llama3_tokenizer import llama3_tokenizer
 from hf_tuning.llm.chat_templates import (
     ChatTemplateError,
     apply_training_chat_template,
@@ -19,7 +20,6 @@ from hf_tuning.llm.chat_templates import (
     end_of_turn_token,
     stock_default_system_message,
 )
-from tests.helpers.llama3_tokenizer import llama3_tokenizer
 from tests.helpers.real_models import requires_smollm2, smollm2_tokenizer
 from tests.helpers.tiny import tiny_tokenizer, tokenizing_sft_trainer
 

@@ -15,9 +15,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from benchmarks.llama3_tokenizer import llama3_tokenizer
 from hf_tuning.llm.chat_templates import has_generation_markers
 from tests.helpers import REPO_ROOT
-from tests.helpers.llama3_tokenizer import llama3_tokenizer
 from tests.helpers.scripts import load_recipe
 
 RECIPE = REPO_ROOT / "recipes" / "agrimatech_llama_dt3.py"

@@ -13,6 +13,7 @@ import pytest
 from datasets import concatenate_datasets, load_from_disk
 from jinja2.exceptions import TemplateError
 
+from benchmarks.llama3_tokenizer import llama3_tokenizer
 from datasets_builders.instruction_formats import (
     TOOL_MESSAGE_FEATURES,
     BadRowsError,
@@ -20,7 +21,6 @@ from datasets_builders.instruction_formats import (
     with_tool_columns,
 )
 from hf_tuning.llm.chat_templates import apply_training_chat_template, end_of_turn_token, load_training_template
-from tests.helpers.llama3_tokenizer import llama3_tokenizer
 from tests.helpers.real_models import requires_smollm2, smollm2_tokenizer
 from tests.helpers.tiny import tokenizing_sft_trainer
 

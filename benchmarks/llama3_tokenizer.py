@@ -1,6 +1,7 @@
 """A real Llama-3 tokenizer built offline from the BPE ranks shipped by ``quicktok-v1``.
 
-The vocabulary is Meta's (Llama 3 license), so it is converted at test time, never committed.
+The vocabulary is Meta's (Llama 3 license), so it is converted when a test or a benchmark asks for it, and
+never committed.
 Ids, merges, the pre-tokenizer regex and the special tokens match Llama 3's tokenizer.json.
 """
 
