@@ -9,6 +9,9 @@ Two things every recipe needs around its ``main(argv)``:
   before training starts. :func:`run_recipe` turns those into one message on stderr and exit status 2;
   ``--debug`` shows the traceback. Once the recipe calls :func:`training_started`, errors keep their
   traceback: a failure hours into a run is a bug report, not a typo.
+
+A recipe that ends, finished or stopped by such a mistake, leaves the distributed process group itself
+(PyTorch's NCCL warns at exit about a group left behind, and its threads should stop while the process is whole).
 """
 
 from __future__ import annotations
@@ -109,8 +112,18 @@ def run_recipe(
         _say(f"{prog}: error: {error}")
         if not debug:
             _say(f"{prog}: (stopped before training; run again with {DEBUG_FLAG} to see the traceback)")
+        leave_process_group()
         return USER_ERROR_EXIT_STATUS
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group if the run created one. A crash does not come here: tearing down a
+    group that a failed collective left half-done can hang, and the launcher ends the processes anyway."""
+    torch = sys.modules.get("torch")  # a run that never imported torch has no group to leave
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _say(message: str) -> None:

@@ -125,3 +125,33 @@ def test_recipe_scripts_run_through_the_runner():
         source = (REPO_ROOT / "recipes" / f"{name}.py").read_text()
         assert "sys.exit(run_recipe(main, default_config=DEFAULT_CONFIG))" in source, name
         assert "training_started()" in source, name
+
+
+def test_a_finished_or_refused_run_leaves_its_process_group_and_a_crash_keeps_it(tmp_path):
+    import torch.distributed as dist
+
+    config = tmp_path / "c.yaml"
+    config.write_text("a: 1\n")
+    stores = iter(range(3))
+
+    def joins_a_group(argv):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store-{next(stores)}", rank=0, world_size=1)
+
+    def refused(argv):
+        joins_a_group(argv)
+        raise ValueError("bad row")
+
+    def crashed(argv):
+        joins_a_group(argv)
+        training_started()
+        raise RuntimeError("a bug")
+
+    try:
+        assert run_recipe(joins_a_group, default_config=config, argv=[]) == 0 and not dist.is_initialized()
+        assert run_recipe(refused, default_config=config, argv=[]) == 2 and not dist.is_initialized()
+        with pytest.raises(RuntimeError, match="a bug"):
+            run_recipe(crashed, default_config=config, argv=[])
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
