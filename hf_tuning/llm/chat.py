@@ -321,7 +321,8 @@ def run_chat(
     (streamed, then a newline) and all else to ``err``.
 
     ``interactive`` (a terminal) adds a banner, a ``you>`` prompt and command acknowledgements, all on
-    ``err``; scripted runs get none of them. Empty lines are skipped. A message that cannot be answered
+    ``err``; scripted runs get none of them. In a terminal Ctrl-C stops the reply being generated (the
+    exchange is forgotten, as if never asked) and the chat goes on; at the prompt, or in a script, it ends it. Empty lines are skipped. A message that cannot be answered
     (e.g. longer than the context) prints an error on ``err`` and no reply; the loop goes on, and the return
     value is then 1 (else 0).
     """
@@ -331,7 +332,7 @@ def run_chat(
         print(message, file=err, flush=True)
 
     if interactive:
-        say(banner + ("\n" if banner else "") + "/help lists the commands; /exit or Ctrl-D ends the chat.")
+        say(banner + ("\n" if banner else "") + "/help lists the commands; Ctrl-C stops a reply; /exit or Ctrl-D ends the chat.")
     while True:
         if interactive:
             err.write("you> ")
@@ -367,6 +368,13 @@ def run_chat(
             except ValueError as error:
                 failed = True
                 say(f"error: {error}")
+                continue
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                out.write("\n")
+                out.flush()
+                say("(reply stopped; that message and its partial reply are not kept)")
                 continue
             out.write("\n")
             out.flush()

@@ -193,6 +193,29 @@ def test_the_line_loop_answers_commands_and_keeps_stdout_clean(loaded) -> None:
     assert "error: the message is too long" in err.getvalue()
 
 
+def test_ctrl_c_in_a_terminal_stops_the_reply_and_forgets_the_exchange(loaded, monkeypatch) -> None:
+    session = session_for(loaded)
+    generate = session.model.generate
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(session.model, "generate", interrupted_once)
+    out, err = io.StringIO(), io.StringIO()
+    assert run_chat(session, io.StringIO(f"{OTHER}\n{QUESTION}\n"), out, err, interactive=True) == 0
+    assert "(reply stopped; that message and its partial reply are not kept)" in err.getvalue()
+    assert out.getvalue() == "\n" + session_for(loaded).reply(QUESTION) + "\n"  # as if OTHER was never asked
+    assert [m["content"] for m in session.history if m["role"] == "user"] == [QUESTION]
+
+    calls.clear()  # in a script there is nobody to give the prompt back to: Ctrl-C ends the chat
+    with pytest.raises(KeyboardInterrupt):
+        run_chat(session_for(loaded), io.StringIO(f"{QUESTION}\n"), io.StringIO(), io.StringIO(), interactive=False)
+
+
 def test_loading_picks_the_saved_template_or_falls_back_with_a_note(folders, loaded, tmp_path) -> None:
     assert isinstance(loaded.model, PeftModel) and loaded.tokenizer.chat_template == TRAINING_TEMPLATE
     assert loaded.notes == [] and loaded.template == ""
