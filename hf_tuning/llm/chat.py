@@ -322,9 +322,9 @@ def run_chat(
 
     ``interactive`` (a terminal) adds a banner, a ``you>`` prompt and command acknowledgements, all on
     ``err``; scripted runs get none of them. In a terminal Ctrl-C stops the reply being generated (the
-    exchange is forgotten, as if never asked) and the chat goes on; at the prompt, or in a script, it ends it. Empty lines are skipped. A message that cannot be answered
-    (e.g. longer than the context) prints an error on ``err`` and no reply; the loop goes on, and the return
-    value is then 1 (else 0).
+    exchange is forgotten, as if never asked) and the chat goes on; at the prompt, or in a script, it ends it.
+    Empty lines are skipped. A message that cannot be answered (e.g. longer than the context) prints an error
+    on ``err`` and no reply; the loop goes on, and the return value is then 1 (else 0).
     """
     failed = False
 
@@ -332,7 +332,8 @@ def run_chat(
         print(message, file=err, flush=True)
 
     if interactive:
-        say(banner + ("\n" if banner else "") + "/help lists the commands; Ctrl-C stops a reply; /exit or Ctrl-D ends the chat.")
+        usage = "/help lists the commands; Ctrl-C stops a reply; /exit or Ctrl-D ends the chat."
+        say(f"{banner}\n{usage}" if banner else usage)
     while True:
         if interactive:
             err.write("you> ")
